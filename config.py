@@ -1,0 +1,189 @@
+"""Every setting of the tutorial, in one place: `python config.py` prints them (keys hidden).
+
+Each value comes from the environment first, then from `.env` next to this file, then from the
+default below. Copy `.env.example` to `.env` and fill in the Azure names (Scenario 1) before you
+run a step with `TARGET=azure`; the local target needs none of them.
+
+Importing this module reads settings and does nothing else: no network call, no file written.
+"""
+
+import os
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+PROJECT_DIR = Path(__file__).resolve().parent
+# Tests and side-by-side setups point this elsewhere; deploy_model.py writes the endpoint's URL and key here.
+ENV_FILE = Path(os.environ.get("FINETUNE_PHI_ENV_FILE", PROJECT_DIR / ".env"))
+load_dotenv(ENV_FILE, override=False)  # the environment wins over .env
+
+PLACEHOLDER_PREFIX = "<"  # "<your-subscription-id>" and friends are placeholders, not values
+
+
+def _str(name, default):
+    """A text setting."""
+    return os.environ.get(name, default).strip()
+
+
+def _int(name, default):
+    """A whole-number setting."""
+    return int(_str(name, str(default)))
+
+
+def _float(name, default):
+    """A decimal setting."""
+    return float(_str(name, str(default)))
+
+
+def _bool(name, default):
+    """A yes/no setting: 1/true/yes/on or 0/false/no/off."""
+    value = _str(name, "true" if default else "false").lower()
+    if value not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+        raise ValueError(f"{name}={value!r} is not a yes/no value; use true or false")
+    return value in {"1", "true", "yes", "on"}
+
+
+def _path(name, default):
+    """A file or folder setting; relative paths are taken from the project folder."""
+    return PROJECT_DIR / _str(name, default)
+
+
+# --- Where the steps run -------------------------------------------------------------------------
+TARGET = _str("TARGET", "local")  # "local": this machine, no Azure account; "azure": Azure Machine Learning
+if TARGET not in ("local", "azure"):
+    raise ValueError(f"TARGET={TARGET!r} is not known; set TARGET to local or azure")
+
+# --- Azure: subscription, workspace and managed identity (Scenario 1) ----------------------------
+AZURE_SUBSCRIPTION_ID = _str("AZURE_SUBSCRIPTION_ID", "<your-subscription-id>")  # `az account show --query id`
+AZURE_RESOURCE_GROUP_NAME = _str("AZURE_RESOURCE_GROUP_NAME", "<your-resource-group>")
+AZURE_ML_WORKSPACE_NAME = _str("AZURE_ML_WORKSPACE_NAME", "<your-workspace-name>")
+AZURE_MANAGED_IDENTITY_NAME = _str("AZURE_MANAGED_IDENTITY_NAME", "<your-managed-identity-name>")
+AZURE_MANAGED_IDENTITY_CLIENT_ID = _str("AZURE_MANAGED_IDENTITY_CLIENT_ID", "<your-managed-identity-client-id>")
+# Derived, so it can never disagree with the three names above.
+AZURE_MANAGED_IDENTITY_RESOURCE_ID = (
+    f"/subscriptions/{AZURE_SUBSCRIPTION_ID}/resourceGroups/{AZURE_RESOURCE_GROUP_NAME}"
+    f"/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{AZURE_MANAGED_IDENTITY_NAME}"
+)
+
+# --- Step 1: the dataset (download_dataset.py) ---------------------------------------------------
+DATASET_NAME = _str("DATASET_NAME", "HuggingFaceH4/ultrachat_200k")
+DATASET_CONFIG = _str("DATASET_CONFIG", "default")
+DATASET_SPLIT = _str("DATASET_SPLIT", "train_sft[:1%]")  # ~2,079 rows; the tutorial's CPU path uses "train_sft[:10]"
+# "hub" loads DATASET_NAME from the Hugging Face Hub; "sample" loads the bundled file below (no internet).
+DATASET_SOURCE = _str("DATASET_SOURCE", "hub" if TARGET == "azure" else "sample")
+SAMPLE_DATASET_PATH = _path("SAMPLE_DATASET_PATH", "sample_data/chat_sample.jsonl")  # 320 chats, ultrachat schema
+SAMPLE_DATASET_SPLIT = _str("SAMPLE_DATASET_SPLIT", "train_sft")  # all of it; it is small
+TEST_SPLIT_RATIO = _float("TEST_SPLIT_RATIO", 0.2)  # the tutorial's 80/20 split
+SPLIT_SEED = _int("SPLIT_SEED", 42)  # fixed, so the split (and every result after it) is the same on every run
+TRAIN_DATA_PATH = _path("TRAIN_DATA_PATH", "data/train_data.jsonl")
+TEST_DATA_PATH = _path("TEST_DATA_PATH", "data/test_data.jsonl")
+
+# --- Step 2: the base model ----------------------------------------------------------------------
+AZURE_BASE_MODEL_NAME = _str("AZURE_BASE_MODEL_NAME", "microsoft/Phi-3.5-mini-instruct")  # or microsoft/Phi-3-mini-4k-instruct
+# The local target fine-tunes a tiny Phi-3 (same architecture, random weights) built here in seconds.
+LOCAL_BASE_MODEL_DIR = _path("LOCAL_BASE_MODEL_DIR", "models/tiny-phi3")
+BASE_MODEL_NAME = AZURE_BASE_MODEL_NAME if TARGET == "azure" else str(LOCAL_BASE_MODEL_DIR)
+
+# --- Step 2: Azure ML compute, environment and job (setup_ml.py) ---------------------------------
+# The CPU variant is for subscriptions without GPU quota (free/benefit ones): slower, use a tiny DATASET_SPLIT.
+USE_CPU_COMPUTE = _bool("USE_CPU_COMPUTE", False)
+AZURE_COMPUTE_INSTANCE_TYPE = _str(
+    "AZURE_COMPUTE_INSTANCE_TYPE", "Standard_E16s_v3" if USE_CPU_COMPUTE else "Standard_NC24ads_A100_v4"
+)  # 1x A100 80 GB; needs "Standard NCADSA100v4 Family Cluster Dedicated vCPUs" quota
+AZURE_COMPUTE_NAME = _str("AZURE_COMPUTE_NAME", "cpu-e16s-v3" if USE_CPU_COMPUTE else "gpu-nc24s-a100-v4")
+AZURE_COMPUTE_LOCATION = _str("AZURE_COMPUTE_LOCATION", "eastus2")  # where you have the quota
+AZURE_COMPUTE_TIER = _str("AZURE_COMPUTE_TIER", "dedicated")  # "low_priority" is cheaper but can be pre-empted
+AZURE_COMPUTE_MIN_INSTANCES = _int("AZURE_COMPUTE_MIN_INSTANCES", 0)  # 0 = no cost while idle
+AZURE_COMPUTE_IDLE_SECONDS = _int("AZURE_COMPUTE_IDLE_SECONDS", 300)  # scale down after 5 idle minutes
+AZURE_TRAINING_IMAGE = _str(
+    "AZURE_TRAINING_IMAGE",
+    "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu20.04:latest"
+    if USE_CPU_COMPUTE
+    else "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:59",
+)
+AZURE_ENVIRONMENT_NAME = _str("AZURE_ENVIRONMENT_NAME", "phi-3-training-environment")
+AZURE_EXPERIMENT_NAME = _str("AZURE_EXPERIMENT_NAME", "phi-3-fine-tuning")
+JOB_NAME = _str("JOB_NAME", "")  # empty: a readable name is generated; it is recorded for deploy_model.py
+# Multi-GPU / multi-node: nodes x GPUs per node processes (PyTorchDistribution; torchrun locally).
+INSTANCE_COUNT = _int("INSTANCE_COUNT", 1)
+PROCESSES_PER_NODE = _int("PROCESSES_PER_NODE", 1)  # 1 per GPU; Standard_NC24ads_A100_v4 has 1, ND96asr_v4 has 8
+AZURE_COMPUTE_MAX_INSTANCES = _int("AZURE_COMPUTE_MAX_INSTANCES", max(1, INSTANCE_COUNT))
+
+# --- Step 2: fine-tuning the local tiny model --------------------------------------------------------
+# A random-init model has to memorize the chats from scratch, so it needs far more epochs and a far higher
+# learning rate than the tutorial's (3 epochs, 5e-6 on a pretrained Phi-3.5). These reach a clearly lower
+# eval loss and verbatim answers to training questions in well under 30 s on 2 CPU cores.
+LOCAL_EPOCHS = _float("LOCAL_EPOCHS", 30)  # fewer: faster, but answers come out garbled
+LOCAL_LEARNING_RATE = _float("LOCAL_LEARNING_RATE", 3e-3)  # higher diverges; lower needs more epochs
+LOCAL_BATCH_SIZE = _int("LOCAL_BATCH_SIZE", 8)  # larger batches are faster per token but learn less per epoch
+LOCAL_MAX_LENGTH = _int("LOCAL_MAX_LENGTH", 512)  # the sample chats are short; 2048 only wastes padding
+JOBS_DIR = _path("JOBS_DIR", "outputs/jobs")  # local jobs: one folder per job (log, checkpoints, model_output)
+LAST_JOB_FILE = _path("LAST_JOB_FILE", "outputs/last_job.json")  # written by setup_ml.py, read by deploy_model.py
+
+# --- Step 3: model registration and the endpoint (deploy_model.py) -------------------------------
+AZURE_MODEL_NAME = _str("AZURE_MODEL_NAME", "finetune-phi-3-5-mini")
+AZURE_ENDPOINT_NAME = _str("AZURE_ENDPOINT_NAME", "<your-endpoint-name>")  # unique within the Azure region
+AZURE_DEPLOYMENT_NAME = _str("AZURE_DEPLOYMENT_NAME", "finetune-phi-deployment")
+AZURE_DEPLOYMENT_INSTANCE_TYPE = _str("AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_E4s_v3")  # 4 vCPU, 32 GiB, no quota
+AZURE_DEPLOYMENT_INSTANCE_COUNT = _int("AZURE_DEPLOYMENT_INSTANCE_COUNT", 1)
+MAX_CONCURRENT_REQUESTS_PER_INSTANCE = _int("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", 3)  # more wait, then 429
+REQUEST_TIMEOUT_MS = _int("REQUEST_TIMEOUT_MS", 180000)  # a CPU answer from Phi-3.5-mini takes minutes
+MAX_NEW_TOKENS_LIMIT = _int("MAX_NEW_TOKENS_LIMIT", 512)  # ceiling for a request's max_new_tokens
+MLFLOW_TRACKING_URI = _str("MLFLOW_TRACKING_URI", f"sqlite:///{(PROJECT_DIR / 'mlflow.db').as_posix()}")
+LOCAL_ENDPOINT_HOST = _str("LOCAL_ENDPOINT_HOST", "127.0.0.1")  # 0.0.0.0 exposes it to your network
+LOCAL_ENDPOINT_PORT = _int("LOCAL_ENDPOINT_PORT", 5001)
+LOCAL_ENDPOINT_DIR = _path("LOCAL_ENDPOINT_DIR", "outputs/endpoint")  # pid, log and state of the local endpoint
+MAX_REQUEST_BYTES = _int("MAX_REQUEST_BYTES", 1_000_000)  # larger bodies get 413
+
+# --- Step 4: calling the endpoint (integrate_with_promptflow.py) ---------------------------------
+# Written by deploy_model.py (local: a fresh key; Azure: read through the SDK). Never commit them.
+AZURE_ML_ENDPOINT = _str("AZURE_ML_ENDPOINT", "<your-endpoint-scoring-uri>")  # https://{endpoint}.{region}.inference.ml.azure.com/score
+AZURE_ML_API_KEY = _str("AZURE_ML_API_KEY", "<your-endpoint-key>")
+PROMPTFLOW_PORT = _int("PROMPTFLOW_PORT", 8080)
+
+# Settings a step needs before it talks to Azure, by step.
+AZURE_WORKSPACE_SETTINGS = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP_NAME", "AZURE_ML_WORKSPACE_NAME")
+AZURE_DEPLOY_SETTINGS = AZURE_WORKSPACE_SETTINGS + (
+    "AZURE_MANAGED_IDENTITY_NAME",
+    "AZURE_MANAGED_IDENTITY_CLIENT_ID",
+    "AZURE_ENDPOINT_NAME",
+)
+SECRET_SETTINGS = ("AZURE_ML_API_KEY",)
+
+
+class MissingSettingsError(RuntimeError):
+    """Raised before any network call when a step's settings are missing or still placeholders."""
+
+
+def is_placeholder(value):
+    """True for an empty value or one still shaped like "<your-...>"."""
+    return not value or value.startswith(PLACEHOLDER_PREFIX)
+
+
+def require(*names):
+    """Stop with one message naming every missing or placeholder setting among `names`."""
+    missing = [name for name in names if is_placeholder(str(globals()[name]))]
+    if missing:
+        listed = "\n".join(f"  - {name}" for name in missing)
+        raise MissingSettingsError(
+            f"These settings are missing or still placeholders:\n{listed}\n"
+            f"Set them in {ENV_FILE} (copy .env.example to start) or in the environment."
+        )
+
+
+def shown(path):
+    """A path as messages show it: relative to the project folder when inside it."""
+    path = Path(path)
+    return path.relative_to(PROJECT_DIR).as_posix() if path.is_relative_to(PROJECT_DIR) else str(path)
+
+
+def main():
+    """Print every setting, with secrets hidden."""
+    for name, value in globals().items():
+        if name.isupper() and not callable(value):
+            shown = "<hidden>" if name in SECRET_SETTINGS and not is_placeholder(str(value)) else value
+            print(f"{name} = {shown}")
+
+
+if __name__ == "__main__":
+    main()

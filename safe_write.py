@@ -1,0 +1,84 @@
+"""Atomic, loss-free file writes shared by the steps.
+
+A write goes to a temporary file in the same folder and is renamed over the target, so an interrupted run
+never leaves half a file. Files a step generates are recorded with their SHA-256 in `.generated.json` in
+their folder: a step replaces its own untouched output freely, but a file someone edited is only replaced
+with `force=True`, and then the old one is kept as `<name>.<timestamp>.bak`.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+MANIFEST_NAME = ".generated.json"
+
+
+class FileChangedError(FileExistsError):
+    """A generated file was edited by hand (or not written by us) and force was not given."""
+
+
+def atomic_write_text(path, text, mode=None):
+    """Write `text` to `path` via a temporary file and a rename; `mode` sets permissions (e.g. 0o600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if mode is not None:
+            os.chmod(tmp, mode)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_text(text):
+    """SHA-256 of text as UTF-8, in hex."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _manifest(folder):
+    """The recorded hashes of the generated files in `folder`."""
+    path = Path(folder) / MANIFEST_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _record(path, digest):
+    """Remember that `path` now holds generated content with hash `digest`."""
+    manifest = _manifest(path.parent)
+    manifest[path.name] = digest
+    atomic_write_text(path.parent / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def write_generated_file(path, text, force=False):
+    """Write a generated file without losing edits; returns 'written', 'unchanged' or 'replaced (backup: …)'."""
+    path = Path(path)
+    new_digest = sha256_text(text)
+    if not path.exists():
+        atomic_write_text(path, text)
+        _record(path, new_digest)
+        return "written"
+    old_digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if old_digest == new_digest:
+        _record(path, new_digest)
+        return "unchanged"
+    if _manifest(path.parent).get(path.name) == old_digest:
+        atomic_write_text(path, text)
+        _record(path, new_digest)
+        return "written"
+    if not force:
+        raise FileChangedError(
+            f"{path} was changed since this step wrote it (or was not written by it); "
+            "rerun with --force to replace it (the current file is kept as a .bak copy)"
+        )
+    backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+    os.replace(path, backup)
+    atomic_write_text(path, text)
+    _record(path, new_digest)
+    return f"replaced (backup: {backup.name})"
