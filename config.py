@@ -127,6 +127,9 @@ AZURE_DEPLOYMENT_NAME = _str("AZURE_DEPLOYMENT_NAME", "finetune-phi-deployment")
 AZURE_DEPLOYMENT_INSTANCE_TYPE = _str("AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_E4s_v3")  # 4 vCPU, 32 GiB, no quota
 AZURE_DEPLOYMENT_INSTANCE_COUNT = _int("AZURE_DEPLOYMENT_INSTANCE_COUNT", 1)
 MAX_CONCURRENT_REQUESTS_PER_INSTANCE = _int("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", 3)  # more wait, then 429
+# Local endpoint only: how long a request waits for a free slot before 429. (Azure deprecated its
+# max_queue_wait_ms request setting; deploy_model.py leaves it out.) Longer: fewer 429s, slower ones.
+MAX_QUEUE_WAIT_MS = _int("MAX_QUEUE_WAIT_MS", 500)
 REQUEST_TIMEOUT_MS = _int("REQUEST_TIMEOUT_MS", 180000)  # a CPU answer from Phi-3.5-mini takes minutes
 MAX_NEW_TOKENS_LIMIT = _int("MAX_NEW_TOKENS_LIMIT", 512)  # ceiling for a request's max_new_tokens
 MLFLOW_TRACKING_URI = _str("MLFLOW_TRACKING_URI", f"sqlite:///{(PROJECT_DIR / 'mlflow.db').as_posix()}")

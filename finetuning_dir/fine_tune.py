@@ -1,0 +1,281 @@
+"""Fine-tune Phi-3 with TRL's SFTTrainer and write an MLflow model — the training job of step 2.
+
+    python finetuning_dir/fine_tune.py --train-file data/train_data.jsonl --eval-file data/test_data.jsonl \\
+        --model_output_dir outputs/model_output
+
+setup_ml.py runs this for you, as an Azure ML command job (TARGET=azure) or as a local process. The
+defaults are the tutorial's: microsoft/Phi-3.5-mini-instruct, 3 epochs, lr 5e-6, cosine schedule, warmup
+0.2, batch 4, gradient checkpointing, packing, max length 2048, seed 0. Under torchrun or Azure ML's
+PyTorch distribution it trains on every process; only rank 0 saves the model and logs metrics.
+
+Writes an MLflow transformers model into --model_output_dir (checkpoints go to --checkpoint-dir) and
+prints eval loss and perplexity before -> after, train loss, tokens/s and wall time.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+from chat_data import ChatDataError, read_chat_jsonl
+
+TUTORIAL_BASE_MODEL = "microsoft/Phi-3.5-mini-instruct"
+# Params a caller may send with each request; a signature with a params schema makes MLflow honour them.
+GENERATION_PARAMS = {"max_new_tokens": 128, "temperature": 0.7, "top_p": 1.0, "do_sample": False, "return_full_text": False}
+# What the saved model needs to load and serve; pinned to the versions that trained it.
+MODEL_REQUIREMENTS = ("torch", "transformers", "accelerate", "tokenizers", "safetensors", "mlflow")
+
+
+def parse_args(argv=None):
+    """The tutorial's CLI (--train-file, --eval-file, --model_output_dir) plus the knobs users need."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data and output")
+    data.add_argument("--train-file", required=True, type=Path, help="JSONL chats in the ultrachat schema")
+    data.add_argument("--eval-file", required=True, type=Path, help="JSONL chats for evaluation")
+    data.add_argument("--model_output_dir", required=True, type=Path, help="where the MLflow model is written")
+    data.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="trainer checkpoints (kept apart from the model)")
+    data.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' in --checkpoint-dir")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model-name", default=TUTORIAL_BASE_MODEL, help="Hub id or local folder of the base model")
+    model.add_argument("--attn-implementation", default="eager", choices=["eager", "sdpa", "flash_attention_2"],
+                       help="eager is the tutorial's; sdpa is faster on current PyTorch")
+    model.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 trains every weight (needs an 80 GB GPU for Phi-3.5-mini)")
+    model.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling; usually 2x the rank")
+    model.add_argument("--lora-dropout", type=float, default=0.05)
+    model.add_argument("--lora-target-modules", default="all-linear", help="comma-separated module names, or all-linear")
+
+    train = parser.add_argument_group("training (defaults: the tutorial's)")
+    train.add_argument("--epochs", type=float, default=3)
+    train.add_argument("--learning-rate", type=float, default=5e-6)
+    train.add_argument("--lr-scheduler", default="cosine")
+    train.add_argument("--warmup-ratio", type=float, default=0.2)
+    train.add_argument("--batch-size", type=int, default=4, help="per device, for training and evaluation")
+    train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    train.add_argument("--max-length", type=int, default=2048, help="tokens per sequence")
+    train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: run all epochs)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True, help="pack short chats into full sequences")
+    train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                       help="trade ~30%% speed for much less activation memory")
+    train.add_argument("--assistant-only-loss", action="store_true",
+                       help="learn only the assistant's words (needs {% generation %} in the chat template)")
+    train.add_argument("--eval-strategy", default="epoch", choices=["epoch", "steps", "no"])
+    train.add_argument("--logging-steps", type=int, default=20)
+    train.add_argument("--save-steps", type=int, default=500)
+    return parser.parse_args(argv)
+
+
+def is_main_process():
+    """True on rank 0 (or when not distributed): the one process that saves and logs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def load_chat_dataset(path):
+    """Check a JSONL file and keep only `messages` (TRL reads `prompt` as a prompt/completion pair)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"messages": record["messages"]} for record in read_chat_jsonl(path)])
+
+
+def load_model_and_tokenizer(args, use_bf16):
+    """Load the base model and its tokenizer, set up for training."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name,
+        dtype=torch.bfloat16 if use_bf16 else torch.float32,
+        attn_implementation=args.attn_implementation,
+        use_cache=False,  # the KV cache is for generation; it conflicts with gradient checkpointing
+    )
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name)
+    tokenizer.model_max_length = args.max_length
+    # The tutorial pads with <unk> because old collators masked every pad-token id out of the loss, and
+    # padding with the end-of-text token would then hide the end of every answer. TRL's collator masks
+    # padding by position, so we keep Phi-3.5's own pad token, <|endoftext|>, a real token it was
+    # trained with, rather than <unk>, which the model never sees in text.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if args.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    return model, tokenizer
+
+
+def sft_config(args, use_bf16, use_cpu):
+    """The SFTConfig: the tutorial's values, from the command line."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(args.checkpoint_dir),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=args.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=use_bf16,
+        use_cpu=use_cpu,
+        max_length=args.max_length,
+        packing=args.packing,
+        # Best-fit packing runs padding-free, which only FlashAttention keeps apart; other kernels need
+        # whole-block packing, where chats share a block (as the tutorial's TRL did).
+        packing_strategy="bfd" if args.attn_implementation.startswith("flash") else "wrapped",
+        assistant_only_loss=args.assistant_only_loss,
+        eval_strategy=args.eval_strategy,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=2,  # a Phi-3.5-mini checkpoint with optimizer state is ~45 GB
+        seed=args.seed,
+        report_to="none",  # metrics go to MLflow below, once, after the model is safe on disk
+        disable_tqdm=not sys.stderr.isatty(),
+        dataset_num_proc=None,
+    )
+
+
+def resolve_checkpoint(value, checkpoint_dir):
+    """Turn --resume-from-checkpoint into a folder ('latest' = newest checkpoint-N in checkpoint_dir)."""
+    if value in (None, ""):
+        return None
+    if value != "latest":
+        return value
+    checkpoints = sorted(Path(checkpoint_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not checkpoints:
+        raise ChatDataError(f"--resume-from-checkpoint latest: no checkpoint-* folder in {checkpoint_dir}")
+    return str(checkpoints[-1])
+
+
+def count_tokens(dataset):
+    """Tokens the trainer sees in one pass over a processed dataset (padding excluded)."""
+    return sum(len(ids) for ids in dataset["input_ids"])
+
+
+def save_mlflow_model(model, tokenizer, output_dir):
+    """Write an MLflow transformers model whose signature accepts the generation params."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters in, so the output is a plain model
+        model = model.merge_and_unload()
+    model.config.use_cache = True  # training turned it off; serving wants it
+    # The pyfunc flavour formats each plain question with this, so a question gets an answer (MLflow's
+    # text-generation task does not apply the chat template itself).
+    prompt_template = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "{prompt}"}], add_generation_prompt=True, tokenize=False
+    )
+    signature = infer_signature(["Who founded Microsoft?"], ["An answer."], params=GENERATION_PARAMS)
+    mlflow.transformers.save_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        path=str(output_dir),
+        task="text-generation",
+        signature=signature,
+        prompt_template=prompt_template,
+        pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS],  # drop "+cpu"
+    )
+
+
+def log_metrics_to_mlflow(args, metrics, log_history):
+    """Log parameters, the before/after metrics and the loss curve to the active MLflow tracking store."""
+    import mlflow
+
+    with mlflow.start_run(run_name=os.environ.get("FINETUNE_RUN_NAME")):
+        mlflow.log_params({
+            "base_model": args.model_name, "epochs": args.epochs, "learning_rate": args.learning_rate,
+            "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
+            "lora_r": args.lora_r, "seed": args.seed, "packing": args.packing,
+            "attn_implementation": args.attn_implementation,
+        })
+        mlflow.log_metrics({key: value for key, value in metrics.items() if isinstance(value, (int, float))})
+        for entry in log_history:
+            for key in ("loss", "eval_loss"):
+                if key in entry:
+                    mlflow.log_metric(f"step_{key}", entry[key], step=entry["step"])
+
+
+def print_summary(metrics, output_dir):
+    """The closing summary a reader looks for."""
+    print("\nFine-tuning summary")
+    print(f"  eval loss    {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}")
+    print(f"  perplexity   {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}")
+    print(f"  train loss   {metrics['train_loss']:.4f}")
+    print(f"  tokens/s     {metrics['train_tokens_per_second']:,.0f} ({metrics['train_tokens']:,} tokens, {metrics['world_size']} process(es))")
+    print(f"  wall time    {metrics['wall_time_seconds']:.1f} s (training {metrics['train_runtime_seconds']:.1f} s)")
+    print(f"  model        {output_dir} (MLflow model)")
+
+
+def main(argv=None):
+    """Check data, load the model, evaluate, train, evaluate, save, log."""
+    started = time.perf_counter()
+    args = parse_args(argv)
+    os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")  # no Trainer autolog: Azure ML caps run params
+
+    # --- Check the data (before the model is loaded) ---
+    try:
+        train_dataset = load_chat_dataset(args.train_file)
+        eval_dataset = load_chat_dataset(args.eval_file)
+        resume = resolve_checkpoint(args.resume_from_checkpoint, args.checkpoint_dir)
+    except ChatDataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    import torch
+    from transformers.utils import logging as transformers_logging
+    from trl import SFTTrainer
+
+    transformers_logging.set_verbosity_error()
+    use_cpu = not torch.cuda.is_available()
+    use_bf16 = not use_cpu and torch.cuda.is_bf16_supported()  # A100/H100 yes; CPU and older GPUs: fp32
+
+    # --- Load the base model ---
+    model, tokenizer = load_model_and_tokenizer(args, use_bf16)
+    trainer = SFTTrainer(model=model, args=sft_config(args, use_bf16, use_cpu), train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=tokenizer)
+    world_size = trainer.args.world_size
+
+    # --- Evaluate, train, evaluate ---
+    eval_loss_before = trainer.evaluate()["eval_loss"]
+    if resume and is_main_process():
+        print(f"Resuming from {resume}")
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    eval_loss_after = trainer.evaluate()["eval_loss"]
+    if not is_main_process():
+        return 0
+
+    epochs_done = trainer.state.epoch or 0.0
+    train_tokens = int(count_tokens(trainer.train_dataset) * epochs_done)
+    runtime = train_result.metrics["train_runtime"]
+    metrics = {
+        "eval_loss_before": eval_loss_before, "eval_loss_after": eval_loss_after,
+        "perplexity_before": math.exp(min(eval_loss_before, 50)), "perplexity_after": math.exp(min(eval_loss_after, 50)),
+        "train_loss": train_result.training_loss, "train_tokens": train_tokens,
+        "train_tokens_per_second": train_tokens / runtime if runtime else 0.0, "train_runtime_seconds": runtime,
+        "global_step": trainer.state.global_step, "world_size": world_size,
+    }
+
+    # --- Save the model first: nothing after this may lose it ---
+    save_mlflow_model(trainer.model, tokenizer, args.model_output_dir)
+    metrics["wall_time_seconds"] = time.perf_counter() - started
+
+    # --- Log (optional: a tracking failure is a warning, not a failed job) ---
+    try:
+        log_metrics_to_mlflow(args, metrics, trainer.state.log_history)
+    except Exception as error:  # noqa: BLE001 - any tracking-server problem must not fail a trained job
+        warnings.warn(f"MLflow logging failed after training; the model is saved. ({type(error).__name__}: {error})")
+    print_summary(metrics, args.model_output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The scoring script of the online deployment: Azure ML and local_endpoint.py both call init() and run().
+
+Azure ML uploads this folder alone as the deployment's code, so this file imports nothing from the project
+and reads its limits from environment variables that the deployment (or local_endpoint.py) sets:
+
+    MAX_NEW_TOKENS_LIMIT   the largest max_new_tokens a request may ask for (default 512)
+
+A request and its answer (one answer string per input):
+
+    {"input_data": ["Who founded Microsoft?"], "params": {"max_new_tokens": 128, "return_full_text": true}}
+    -> ["Who founded Microsoft?\\nMicrosoft was founded by Bill Gates and Paul Allen."]
+
+`input_data` is a question, a list of questions (each its own one-turn chat), or a list of conversations,
+each a list of {"role": "system"|"user"|"assistant", "content": "..."} ending with a user turn. Every input
+is formatted with the model's own chat template, so the model answers rather than continues the question.
+
+A malformed request raises BadRequest, which local_endpoint.py answers with 400 and the message. On Azure
+the inference server answers every exception from run() with 500 and a generic body ("An unexpected error
+occurred in scoring script. Check the logs for more info."); the message itself is in the deployment log:
+`az ml online-deployment get-logs --name <deployment> --endpoint-name <endpoint>`.
+"""
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS_LIMIT = 512  # a CPU instance writes a few tokens a second with Phi-3.5-mini
+ROLES = ("system", "user", "assistant")
+# The params a request may send, with their defaults; check_params() says what each may be.
+PARAMS = {
+    "max_new_tokens": 128,
+    "temperature": 0.7,  # used only with do_sample: higher is more varied, lower more predictable
+    "top_p": 1.0,  # used only with do_sample: 1.0 samples from every token, 0.9 from the likeliest 90%
+    "do_sample": False,  # false: greedy decoding, the same answer every time
+    "return_full_text": False,  # true: the answer starts with the question (the tutorial's client asks for it)
+}
+
+_model = None
+_tokenizer = None
+_max_new_tokens_limit = DEFAULT_MAX_NEW_TOKENS_LIMIT
+# One generation at a time: the tokenizer is not thread-safe, and on a CPU parallel generations only
+# compete for the same cores. local_endpoint.py caps how many requests wait here.
+_lock = threading.Lock()
+
+
+class BadRequest(ValueError):
+    """The request is malformed: the caller must change it (HTTP 400)."""
+
+
+def find_mlflow_model(root):
+    """The folder holding `MLmodel`: root itself, or one or two levels below it (e.g. root/model_output)."""
+    root = Path(root)
+    if (root / "MLmodel").is_file():
+        return root
+    found = sorted({path.parent for pattern in ("*/MLmodel", "*/*/MLmodel") for path in root.glob(pattern)})
+    if len(found) != 1:
+        what = "no MLmodel file" if not found else f"{len(found)} MLmodel files ({', '.join(map(str, found))})"
+        raise FileNotFoundError(f"{what} in {root} or below it; "
+                                "point at the folder fine_tune.py wrote (--model_output_dir)")
+    return found[0]
+
+
+def init(model_dir=None):
+    """Load the model once, when the container starts; model_dir defaults to $AZUREML_MODEL_DIR.
+
+    Azure ML mounts the registered model at AZUREML_MODEL_DIR (/var/azureml-app/azureml-models/<name>/<version>);
+    the MLflow model is that folder or a folder inside it (model_output, for a model registered from a job).
+    """
+    global _model, _tokenizer, _max_new_tokens_limit
+    started = time.perf_counter()
+    model_dir = model_dir or os.environ.get("AZUREML_MODEL_DIR")
+    if not model_dir:
+        raise RuntimeError("no model folder: set AZUREML_MODEL_DIR or call init(model_dir)")
+    _max_new_tokens_limit = _env_int("MAX_NEW_TOKENS_LIMIT", DEFAULT_MAX_NEW_TOKENS_LIMIT)
+    mlflow_dir = find_mlflow_model(model_dir)
+    # The MLflow transformers flavour keeps plain transformers files: weights in model/, tokenizer apart.
+    if not (mlflow_dir / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"no model/config.json in {mlflow_dir}: is it an MLflow model from fine_tune.py?")
+    model = _load_model(mlflow_dir / "model")
+    tokenizer = _load_tokenizer(mlflow_dir, model)
+    _stop_at_end_of_turn(model, tokenizer)
+    _model, _tokenizer = model, tokenizer
+    logger.info("Loaded %s on %s in %.1f s", mlflow_dir, model.device, time.perf_counter() - started)
+
+
+def _load_model(folder):
+    """The causal LM in its saved dtype, on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
+
+
+def _load_tokenizer(mlflow_dir, model):
+    """The tokenizer, set up for batched generation."""
+    from transformers import AutoTokenizer
+
+    folder = mlflow_dir / "components" / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(folder if folder.is_dir() else mlflow_dir / "model")
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # fine_tune.py leaves the training length here; serving is bounded by the model's context instead.
+    tokenizer.model_max_length = getattr(model.config, "max_position_embeddings", tokenizer.model_max_length)
+    return tokenizer
+
+
+def _stop_at_end_of_turn(model, tokenizer):
+    """Make sure generation stops at <|end|>: a model saved without it in generation_config would talk on."""
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if isinstance(end_id, int) and end_id != tokenizer.unk_token_id and end_id not in eos:
+        model.generation_config.eos_token_id = eos + [end_id]
+
+
+def run(raw_data):
+    """Answer one request (called once per POST /score): a JSON string in, a list of answer strings out.
+
+    Azure's inference server inspects this signature: run() must take exactly one parameter (or two, the
+    second named request_headers), so the stop event of local_endpoint.py goes to run_stoppable() instead.
+    """
+    return run_stoppable(raw_data)
+
+
+def run_stoppable(raw_data, stop_event=None):
+    """run(), and once `stop_event` (a threading.Event) is set, generation stops at the next token.
+
+    local_endpoint.py sets it when a request times out, so the model is free for the next request.
+    """
+    if _model is None:
+        raise RuntimeError("the model is not loaded: call init() first")
+    request = parse_request(raw_data)
+    params = check_params(request.get("params"))
+    conversations = check_input_data(request["input_data"])
+    with _lock:
+        answers = generate(conversations, params, stop_event)
+    if params["return_full_text"]:
+        answers = [f"{chat[-1]['content']}\n{answer}" for chat, answer in zip(conversations, answers)]
+    return answers
+
+
+def parse_request(raw_data):
+    """The request as a dict: JSON text (str or bytes) or an already parsed object."""
+    if isinstance(raw_data, (bytes, bytearray)):
+        try:
+            raw_data = raw_data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BadRequest(f"the request body is not UTF-8 text: {error}") from None
+    if isinstance(raw_data, str):
+        try:
+            raw_data = json.loads(raw_data)
+        except json.JSONDecodeError as error:
+            raise BadRequest(f"the request body is not valid JSON: {error}") from None
+    if not isinstance(raw_data, dict):
+        raise BadRequest('the request body must be a JSON object: {"input_data": [...], "params": {...}}')
+    unknown = sorted(set(raw_data) - {"input_data", "params"})
+    if unknown:
+        raise BadRequest(f"unknown key(s) {', '.join(unknown)} in the request; allowed: input_data, params")
+    if "input_data" not in raw_data:
+        raise BadRequest('the request has no input_data: send {"input_data": ["your question"]}')
+    return raw_data
+
+
+def check_params(params):
+    """The generation params with defaults filled in; BadRequest names a wrong one and what it may be."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"params must be a JSON object, not {type(params).__name__}")
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise BadRequest(f"unknown param(s) {', '.join(unknown)}; allowed: {', '.join(PARAMS)}")
+    checked = {**PARAMS, **params}
+    limit = _max_new_tokens_limit
+    rules = {  # name: (is the value fine?, what it may be)
+        "max_new_tokens": (lambda v: _is_number(v, int) and 1 <= v <= limit, f"a whole number from 1 to {limit}"),
+        "temperature": (lambda v: _is_number(v) and 0 < v <= 2, "a number above 0 and at most 2"),
+        "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number above 0 and at most 1"),
+        "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+        "return_full_text": (lambda v: isinstance(v, bool), "true or false"),
+    }
+    for name, (is_fine, allowed) in rules.items():
+        if not is_fine(checked[name]):
+            raise BadRequest(f"param {name} must be {allowed}, not {json.dumps(checked[name])}")
+    return checked
+
+
+def _is_number(value, types=(int, float)):
+    """True for a JSON number of the given Python types; JSON's true/false are not numbers here."""
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def check_input_data(input_data):
+    """input_data as a list of conversations; BadRequest says what is wrong and where."""
+    if isinstance(input_data, str):
+        input_data = [input_data]
+    if not isinstance(input_data, list) or not input_data:
+        raise BadRequest("input_data must be a question, a non-empty list of questions, or a list of conversations")
+    return [_check_conversation(item, f"input_data[{i}]") for i, item in enumerate(input_data)]
+
+
+def _check_conversation(item, where):
+    """One input as a list of messages: a question becomes one user turn."""
+    if isinstance(item, str):
+        return [{"role": "user", "content": item}]
+    if isinstance(item, dict):
+        raise BadRequest(f"{where} is a single message; wrap a conversation in a list: [[{{...}}, {{...}}]]")
+    if not isinstance(item, list) or not item:
+        raise BadRequest(f"{where} must be a question or a non-empty list of messages")
+    for j, message in enumerate(item):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise BadRequest(f'{where}[{j}] must be {{"role": ..., "content": ...}} with exactly those two keys')
+        if message["role"] not in ROLES:
+            raise BadRequest(f"{where}[{j}] has role {json.dumps(message['role'])}; allowed: {', '.join(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise BadRequest(f"{where}[{j}] content must be a string")
+    if item[-1]["role"] != "user":
+        raise BadRequest(f"{where} must end with a user message: the model answers the last user turn")
+    return item
+
+
+def generate(conversations, params, stop_event=None):
+    """Generate the answers for a batch of conversations in one left-padded batch."""
+    import torch
+
+    batch = _tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
+                                           return_tensors="pt", return_dict=True).to(_model.device)
+    prompt_length = batch["input_ids"].shape[1]
+    context = getattr(_model.config, "max_position_embeddings", None)
+    if context and prompt_length + params["max_new_tokens"] > context:
+        raise BadRequest(f"the longest input is {prompt_length} tokens; with max_new_tokens "
+                         f"{params['max_new_tokens']} that exceeds the model's {context}-token context")
+    options = {"max_new_tokens": params["max_new_tokens"], "do_sample": params["do_sample"],
+               "pad_token_id": _tokenizer.pad_token_id}
+    if params["do_sample"]:  # greedy decoding ignores them, and transformers warns when they are passed
+        options.update(temperature=params["temperature"], top_p=params["top_p"])
+    if stop_event is not None:
+        options["stopping_criteria"] = _stop_when_set(stop_event)
+    with torch.inference_mode():
+        output = _model.generate(**batch, **options)
+    new_tokens = output[:, prompt_length:]
+    return [text.strip() for text in _tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _stop_when_set(event):
+    """A stopping criterion that ends generation for every row once `event` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhenSet()])
+
+
+def _env_int(name, default):
+    """A whole-number limit from the environment; a bad value names the variable."""
+    value = os.environ.get(name, "").strip() or str(default)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
+    return int(value)

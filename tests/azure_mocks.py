@@ -1,0 +1,239 @@
+"""Offline stand-ins for Azure ML, shared by the tests of setup_ml.py, deploy_model.py and cleanup.py.
+
+Nothing here makes a network call. The mocks are autospecced from the real azure-ai-ml classes, so a call
+to a method that does not exist, or with an argument the real method does not take, fails the test.
+
+    client = mock_ml_client()                          # MLClient with real-shaped operation groups
+    patch_get_ml_client(monkeypatch, setup_ml, client)  # where the script imported get_ml_client
+    loaded = schema_round_trip(entity, load_job, tmp_path)
+
+Plain functions, no fixtures: a conftest can wrap them.
+"""
+
+import copy
+import json
+import socket
+import sys
+import warnings
+from pathlib import Path
+from unittest import mock
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+if str(PROJECT_DIR) not in sys.path:  # the scripts are top-level modules of the project folder
+    sys.path.insert(0, str(PROJECT_DIR))
+
+with warnings.catch_warnings():  # importing azure.ai.ml raises hundreds of Marshmallow4Warnings
+    warnings.simplefilter("ignore")
+    from azure.ai.ml import MLClient
+    from azure.ai.ml.entities import AmlCompute, CommandJob
+    from azure.ai.ml.operations import (
+        ComputeOperations,
+        EnvironmentOperations,
+        JobOperations,
+        ModelOperations,
+        OnlineDeploymentOperations,
+        OnlineEndpointOperations,
+    )
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.core.polling import LROPoller
+
+# The marks the Azure test modules put on themselves (pytestmark) until pytest config filters these.
+AZURE_WARNING_FILTERS = (
+    "ignore::marshmallow.warnings.Marshmallow4Warning",
+)
+
+# MLClient sets these in __init__ (they are properties over private attributes), so autospec alone
+# leaves them as unspecced MagicMocks; mock_ml_client() replaces each with an autospecced instance.
+OPERATION_CLASSES = {
+    "compute": ComputeOperations,
+    "jobs": JobOperations,
+    "environments": EnvironmentOperations,
+    "models": ModelOperations,
+    "online_endpoints": OnlineEndpointOperations,
+    "online_deployments": OnlineDeploymentOperations,
+}
+
+FAKE_SUBSCRIPTION_ID = "00000000-0000-0000-0000-000000000000"
+FAKE_WORKSPACE_SETTINGS = {
+    "AZURE_SUBSCRIPTION_ID": FAKE_SUBSCRIPTION_ID,
+    "AZURE_RESOURCE_GROUP_NAME": "rg-phi3-tests",
+    "AZURE_ML_WORKSPACE_NAME": "ws-phi3-tests",
+}
+FAKE_DEPLOY_SETTINGS = {
+    **FAKE_WORKSPACE_SETTINGS,
+    "AZURE_MANAGED_IDENTITY_NAME": "id-phi3-tests",
+    "AZURE_MANAGED_IDENTITY_CLIENT_ID": "11111111-1111-1111-1111-111111111111",
+    "AZURE_ENDPOINT_NAME": "phi3-endpoint-tests",
+}
+
+
+def studio_url(job_name):
+    """A studio link shaped like the real one."""
+    return (f"https://ml.azure.com/runs/{job_name}?wsid=/subscriptions/{FAKE_SUBSCRIPTION_ID}"
+            f"/resourcegroups/rg-phi3-tests/workspaces/ws-phi3-tests")
+
+
+def submitted_job(name, status="Starting", url=None):
+    """What jobs.create_or_update / jobs.get return: a Job with .name, .status and .studio_url."""
+    job = mock.NonCallableMagicMock(spec=CommandJob, name=f"job:{name}")
+    job.name = name
+    job.status = status
+    job.studio_url = url or studio_url(name)
+    return job
+
+
+def poller(result):
+    """An LROPoller (autospecced) whose .result() is `result`, as begin_* methods return."""
+    lro = mock.create_autospec(LROPoller, instance=True)
+    lro.result.return_value = result
+    lro.done.return_value = True
+    lro.status.return_value = "Succeeded"
+    return lro
+
+
+def download_writes_log(lines, filename="std_log.txt"):
+    """A side_effect for jobs.download that writes `lines` to user_logs/<filename> under download_path."""
+
+    def download(name, *, download_path=".", output_name=None, all=False):  # noqa: A002 - the SDK's name
+        folder = Path(download_path) / "user_logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / filename).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    return download
+
+
+def mock_ml_client(*, job_status="Completed", compute_exists=True):
+    """An autospecced MLClient whose operation groups are autospecced instances of the real classes.
+
+    Defaults, each replaceable by the test (set .side_effect / .return_value):
+      environments.create_or_update(env) -> env (the SDK returns the registered environment)
+      compute.get(name)                   -> an AmlCompute, or ResourceNotFoundError if not compute_exists
+      compute.begin_create_or_update(c)   -> poller(c)
+      jobs.create_or_update(job)          -> submitted_job(job.name, "Starting")
+      jobs.get(name)                      -> submitted_job(name, job_status)
+      jobs.stream(name)                   -> None (a finished job streams out normally)
+      jobs.download(...)                  -> writes nothing
+      models.create_or_update(model)      -> model
+      online_endpoints / online_deployments.begin_create_or_update(x) -> poller(x)
+    Every call goes through the autospec, so a wrong method name or argument raises.
+    """
+    client = mock.create_autospec(MLClient, instance=True)
+    for attribute, operations_class in OPERATION_CLASSES.items():
+        setattr(client, attribute, mock.create_autospec(operations_class, instance=True))
+
+    client.environments.create_or_update.side_effect = lambda environment: environment
+    if compute_exists:
+        client.compute.get.side_effect = lambda name: AmlCompute(name=name, size="Standard_NC24ads_A100_v4")
+    else:
+        client.compute.get.side_effect = ResourceNotFoundError("ComputeNotFound: the compute does not exist")
+    client.compute.begin_create_or_update.side_effect = poller
+
+    def create_job(job, **kwargs):
+        return submitted_job(job.name or "finetune-phi-generated", "Starting")
+
+    client.jobs.create_or_update.side_effect = create_job
+    client.jobs.get.side_effect = lambda name: submitted_job(name, job_status)
+    client.jobs.stream.return_value = None
+    client.jobs.download.return_value = None
+
+    client.models.create_or_update.side_effect = lambda model, **kwargs: model
+    client.online_endpoints.begin_create_or_update.side_effect = lambda endpoint, **kwargs: poller(endpoint)
+    client.online_deployments.begin_create_or_update.side_effect = lambda deployment, **kwargs: poller(deployment)
+    return client
+
+
+def only_call_arg(method):
+    """The single positional argument of a mocked method's only call (asserts it was called once)."""
+    method.assert_called_once()
+    args, _kwargs = method.call_args
+    assert len(args) == 1, f"expected one positional argument, got {args!r}"
+    return args[0]
+
+
+def patch_get_ml_client(monkeypatch, module, client=None):
+    """Make `module.get_ml_client()` (the name the script imported) return `client`; returns the client."""
+    client = client if client is not None else mock_ml_client()
+    monkeypatch.setattr(module, "get_ml_client", lambda: client)
+    return client
+
+
+def forbid_ml_client(monkeypatch, module=None):
+    """Fail the test if anything builds an MLClient: the script's get_ml_client and the SDK's constructor."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an Azure ML client was requested; this path must not reach Azure")
+
+    import azure.ai.ml
+
+    monkeypatch.setattr(azure.ai.ml, "MLClient", refuse)  # ml_client.get_ml_client imports it at call time
+    if module is not None:
+        monkeypatch.setattr(module, "get_ml_client", refuse)
+
+
+def block_network(monkeypatch):
+    """Make every socket connection and name lookup raise for the rest of the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network call attempted: {args[1:]!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def configure_azure(monkeypatch, settings=FAKE_WORKSPACE_SETTINGS, **overrides):
+    """TARGET=azure with realistic fake workspace settings (plus any `overrides`) on the config module."""
+    import config
+
+    monkeypatch.setattr(config, "TARGET", "azure")
+    for name, value in {**settings, **overrides}.items():
+        assert hasattr(config, name), f"config has no setting {name}"
+        monkeypatch.setattr(config, name, value)
+    return config
+
+
+CHAT_ROWS = [
+    {"prompt": "What is Phi-3?", "prompt_id": "p1", "messages": [
+        {"role": "user", "content": "What is Phi-3?"},
+        {"role": "assistant", "content": "A small language model from Microsoft."}]},
+    {"prompt": "Name a colour.", "prompt_id": "p2", "messages": [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."}]},
+]
+
+
+def write_jsonl(path, rows=CHAT_ROWS):
+    """A small valid chat file (the ultrachat schema download_dataset.py writes)."""
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return Path(path)
+
+
+def use_tmp_data(monkeypatch, tmp_path):
+    """Train/test files and last_job.json under tmp_path; returns (train, test, last_job) paths."""
+    import config
+
+    train = write_jsonl(tmp_path / "train_data.jsonl", CHAT_ROWS)
+    test = write_jsonl(tmp_path / "test_data.jsonl", CHAT_ROWS[:1])
+    last_job = tmp_path / "outputs" / "last_job.json"
+    monkeypatch.setattr(config, "TRAIN_DATA_PATH", train)
+    monkeypatch.setattr(config, "TEST_DATA_PATH", test)
+    monkeypatch.setattr(config, "LAST_JOB_FILE", last_job)
+    return train, test, last_job
+
+
+def schema_round_trip(entity, loader, tmp_path, name=None):
+    """Dump `entity` to YAML and load it back with `loader` (azure.ai.ml.load_*); returns the loaded entity.
+
+    Raises (marshmallow ValidationError) on unknown fields or wrong types. A deep copy is dumped because
+    dump() mutates some entities in place (an endpoint's identities become dicts). A pipeline-node builder
+    (the Command that `command()` returns) is dumped as the standalone job it submits as (`_to_job()`):
+    its own dump() writes the pipeline-node schema, which load_job rejects (and deepcopy of the node fails).
+    """
+    if hasattr(entity, "_to_job"):
+        entity = entity._to_job()
+    entity = copy.deepcopy(entity)
+    path = Path(tmp_path) / f"{name or type(entity).__name__.lower()}.yml"
+    entity.dump(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return loader(path)

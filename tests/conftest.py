@@ -1,0 +1,92 @@
+"""Shared test set-up: every test runs against a private copy of the project's outputs.
+
+Settings are environment variables read by config.py at import, so they are set here, before any test
+module imports a script. Nothing a test does touches the user's .env, data/, models/, outputs/ or
+mlflow.db, and no test reaches the network.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+WORK_DIR = Path(tempfile.mkdtemp(prefix="finetune-phi-tests-"))
+
+
+def free_port():
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+for name in [key for key in os.environ if key.startswith(("AZURE_", "LOCAL_", "DATASET_", "JOB_"))]:
+    del os.environ[name]  # the user's own settings must not change what the tests see
+os.environ.update({
+    "FINETUNE_PHI_ENV_FILE": str(WORK_DIR / ".env"),
+    "TARGET": "local",
+    "TRAIN_DATA_PATH": str(WORK_DIR / "data" / "train_data.jsonl"),
+    "TEST_DATA_PATH": str(WORK_DIR / "data" / "test_data.jsonl"),
+    "LOCAL_BASE_MODEL_DIR": str(WORK_DIR / "models" / "tiny-phi3"),
+    "JOBS_DIR": str(WORK_DIR / "outputs" / "jobs"),
+    "LAST_JOB_FILE": str(WORK_DIR / "outputs" / "last_job.json"),
+    "LOCAL_ENDPOINT_DIR": str(WORK_DIR / "outputs" / "endpoint"),
+    "MLFLOW_TRACKING_URI": f"sqlite:///{(WORK_DIR / 'mlflow.db').as_posix()}",
+    "LOCAL_ENDPOINT_PORT": str(free_port()),
+    "PF_HOME_DIRECTORY": str(WORK_DIR / ".pf"),
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_OFFLINE": "1",  # a Hub download fails at once instead of retrying for half a minute
+    "DO_NOT_TRACK": "1",
+    "PYTHONUNBUFFERED": "1",
+})
+sys.path.insert(0, str(PROJECT_DIR))
+
+
+def run_script(*args, env=None, timeout=600, cwd=PROJECT_DIR):
+    """Run a project command the way a user types it; returns the CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def work_dir():
+    """The folder holding this test session's data, models and outputs."""
+    return WORK_DIR
+
+
+@pytest.fixture(scope="session")
+def demo_run():
+    """`make demo`, run once for the whole session with this interpreter's environment (no install)."""
+    venv = Path(sys.prefix)
+    result = subprocess.run(
+        ["make", "demo", f"VENV={venv}", "-o", str(venv / ".requirements-installed")],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900, env=os.environ.copy(),
+    )
+    assert result.returncode == 0, f"make demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(demo_run):
+    """The MLflow model that `make demo` fine-tuned."""
+    import json
+
+    record = json.loads(Path(os.environ["LAST_JOB_FILE"]).read_text())
+    path = Path(record["model_output"])
+    return path if path.is_absolute() else PROJECT_DIR / path
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(trained_model_dir):
+    """The MLflow model the serving tests load: the one `make demo` fine-tuned."""
+    return trained_model_dir

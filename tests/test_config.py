@@ -1,0 +1,99 @@
+"""config.py: where values come from, the missing-settings message, and an import that only reads."""
+
+import re
+import textwrap
+
+import pytest
+
+import config
+from conftest import PROJECT_DIR, run_script
+
+PRINT_SETTINGS = "import config; print(config.{})"
+
+
+def settings_read_from_environment():
+    """Every NAME that config.py reads with _str/_int/_float/_bool/_path."""
+    return re.findall(r'_(?:str|int|float|bool|path)\(\s*"([A-Z0-9_]+)"', (PROJECT_DIR / "config.py").read_text())
+
+
+def test_require_names_every_placeholder_and_missing_setting(monkeypatch):
+    monkeypatch.setattr(config, "AZURE_SUBSCRIPTION_ID", "<your-subscription-id>")
+    monkeypatch.setattr(config, "AZURE_RESOURCE_GROUP_NAME", "")
+    monkeypatch.setattr(config, "AZURE_ML_WORKSPACE_NAME", "my-workspace")
+    with pytest.raises(config.MissingSettingsError) as error:
+        config.require(*config.AZURE_WORKSPACE_SETTINGS)
+    message = str(error.value)
+    assert "AZURE_SUBSCRIPTION_ID" in message and "AZURE_RESOURCE_GROUP_NAME" in message
+    assert "AZURE_ML_WORKSPACE_NAME" not in message
+    assert ".env" in message  # says where to set them
+
+
+def test_require_passes_when_filled(monkeypatch):
+    for name in config.AZURE_DEPLOY_SETTINGS:
+        monkeypatch.setattr(config, name, "filled-in")
+    config.require(*config.AZURE_DEPLOY_SETTINGS)
+
+
+def test_local_target_needs_no_azure_setting():
+    result = run_script("-c", "import config; print(config.TARGET, config.BASE_MODEL_NAME)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("local ")
+
+
+def test_environment_beats_dotenv_beats_default(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("SPLIT_SEED=7\nAZURE_ML_WORKSPACE_NAME=from-dotenv\n")
+    script = "import config; print(config.SPLIT_SEED, config.AZURE_ML_WORKSPACE_NAME, config.TEST_SPLIT_RATIO)"
+    result = run_script("-c", script, env={"FINETUNE_PHI_ENV_FILE": str(env_file), "SPLIT_SEED": "11"})
+    assert result.stdout.split() == ["11", "from-dotenv", "0.2"], result.stderr
+
+
+def test_managed_identity_resource_id_is_derived(tmp_path):
+    env = {"FINETUNE_PHI_ENV_FILE": str(tmp_path / "none"), "AZURE_SUBSCRIPTION_ID": "sub",
+           "AZURE_RESOURCE_GROUP_NAME": "rg", "AZURE_MANAGED_IDENTITY_NAME": "uai"}
+    result = run_script("-c", PRINT_SETTINGS.format("AZURE_MANAGED_IDENTITY_RESOURCE_ID"), env=env)
+    assert result.stdout.strip() == (
+        "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/uai"
+    )
+
+
+def test_azure_target_switches_model_and_dataset_source(tmp_path):
+    env = {"FINETUNE_PHI_ENV_FILE": str(tmp_path / "none"), "TARGET": "azure"}
+    result = run_script("-c", "import config; print(config.BASE_MODEL_NAME, config.DATASET_SOURCE, config.DATASET_SPLIT)", env=env)
+    assert result.stdout.split() == ["microsoft/Phi-3.5-mini-instruct", "hub", "train_sft[:1%]"]
+
+
+def test_unknown_target_is_a_clear_error():
+    result = run_script("-c", "import config", env={"TARGET": "aws"})
+    assert result.returncode != 0 and "TARGET='aws'" in result.stderr
+
+
+def test_import_reads_settings_and_nothing_else(tmp_path):
+    # No network (connect fails loudly) and no file written (the folder stays empty).
+    script = textwrap.dedent(f"""
+        import os, socket, sys
+        def refuse(*args, **kwargs):
+            raise AssertionError("config.py opened a network connection")
+        socket.socket.connect = refuse
+        sys.path.insert(0, {str(PROJECT_DIR)!r})
+        import config
+        print(sorted(os.listdir('.')))
+    """)
+    result = run_script("-c", script, cwd=tmp_path, env={"FINETUNE_PHI_ENV_FILE": str(tmp_path / ".env")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_env_example_lists_every_setting_with_a_comment():
+    example = (PROJECT_DIR / ".env.example").read_text()
+    for name in settings_read_from_environment():
+        line = next((line for line in example.splitlines() if re.match(rf"^(# )?{name}=", line)), None)
+        assert line is not None, f"{name} is missing from .env.example"
+        assert "#" in line.split("=", 1)[1], f"{name} has no comment in .env.example"
+
+
+def test_config_prints_settings_with_secrets_hidden():
+    result = run_script("config.py", env={"AZURE_ML_API_KEY": "super-secret-key-value"})
+    assert result.returncode == 0
+    assert "TARGET = local" in result.stdout
+    assert "super-secret-key-value" not in result.stdout and "AZURE_ML_API_KEY = <hidden>" in result.stdout

@@ -1,0 +1,348 @@
+"""local_endpoint.py as a real server process, called over HTTP the way the tutorial's client calls Azure."""
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# starlette.testclient (the in-process tests) uses an alias that anyio 4.16 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:The anyio.abc.BlockingPortal alias:DeprecationWarning")
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+if str(PROJECT_DIR) not in sys.path:
+    sys.path.insert(0, str(PROJECT_DIR))  # the in-process tests import local_endpoint
+READY_TIMEOUT_S = 90  # import torch + load the model, on 2 busy CPU cores
+MAX_REQUEST_BYTES = 200_000
+QUEUE_WAIT_MS = 50  # short, so the concurrency test sees 429s quickly
+
+
+class Server:
+    """A running local_endpoint.py: its URL, key, process and stderr log."""
+
+    def __init__(self, url, key, process, log_path, seen_while_loading):
+        self.url, self.key, self.process, self.log_path = url, key, process, log_path
+        self.seen_while_loading = seen_while_loading  # (GET /ready, POST /score) statuses before ready
+
+    def post(self, body, key=None, **kwargs):
+        """POST /score with the key (or another one), as the tutorial's client does."""
+        headers = {"Authorization": f"Bearer {key or self.key}"}
+        return requests.post(f"{self.url}/score", json=body, headers=headers, timeout=60, **kwargs)
+
+
+def free_port():
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(**extra):
+    """The environment for a server process, without a key unless one is given."""
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_ENDPOINT_KEY"}
+    return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", **extra}
+
+
+
+
+@pytest.fixture(scope="session")
+def local_endpoint(served_model_dir, tmp_path_factory):
+    """local_endpoint.py serving the model on a free port (1 request at a time); stopped with SIGTERM after."""
+    key = secrets.token_urlsafe(32)
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("endpoint") / "server.log"
+    command = [sys.executable, str(PROJECT_DIR / "local_endpoint.py"), "--model-dir", str(served_model_dir),
+               "--port", str(port), "--max-concurrent", "1", "--max-queue-wait-ms", str(QUEUE_WAIT_MS),
+               "--max-request-bytes", str(MAX_REQUEST_BYTES)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=PROJECT_DIR, env=server_env(LOCAL_ENDPOINT_KEY=key),
+                                   stdout=log, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", key, process, log_path, [])
+    try:
+        wait_until_ready(server)
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            returncode = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            returncode = process.wait()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says what stopped it.
+    log = log_path.read_text()
+    assert returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, f"exit {returncode}:\n{log}"
+
+
+def wait_until_ready(server):
+    """Poll GET /ready until 200; note what the server answers while the model loads."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"the server exited with {server.process.returncode}:\n{server.log_path.read_text()}")
+        try:
+            ready = requests.get(f"{server.url}/ready", timeout=5)
+        except requests.ConnectionError:
+            time.sleep(0.1)
+            continue
+        if ready.status_code == 200:
+            return
+        scoring = server.post({"input_data": ["Hi"]})
+        server.seen_while_loading.append((ready.status_code, scoring.status_code, scoring.headers.get("Retry-After")))
+        time.sleep(0.1)
+    pytest.fail(f"the server was not ready within {READY_TIMEOUT_S} s:\n{server.log_path.read_text()}")
+
+
+# --- The tutorial's client ----------------------------------------------------------------------------
+
+def test_the_tutorials_client_gets_an_answer(local_endpoint):
+    question = "Who founded Microsoft?"
+    response = requests.post(
+        f"{local_endpoint.url}/score",
+        json={"input_data": [question],
+              "params": {"temperature": 0.7, "top_p": 0.9, "do_sample": True, "max_new_tokens": 32,
+                         "return_full_text": True}},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {local_endpoint.key}"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()[0]
+    assert isinstance(answer, str) and answer.startswith(question)
+
+
+def test_multi_turn_conversations_and_questions(local_endpoint):
+    chat = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "Who founded Microsoft?"},
+        {"role": "assistant", "content": "Bill Gates and Paul Allen."},
+        {"role": "user", "content": "In which year?"},
+    ]
+    response = local_endpoint.post({"input_data": [chat, "What is Python?", chat], "params": {"max_new_tokens": 8}})
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)
+    assert answers[0] == answers[2]  # greedy by default: the same chat, the same answer
+
+
+def test_the_server_answers_while_the_model_loads(local_endpoint):
+    # While the model loaded, /ready said 503 and /score said 503 with Retry-After (or 200: it just got ready).
+    seen = local_endpoint.seen_while_loading
+    assert any(ready == 503 and scoring == 503 and retry_after for ready, scoring, retry_after in seen), seen
+    assert all(ready == 503 and scoring in (200, 503) for ready, scoring, _ in seen), seen
+
+
+def test_health_routes(local_endpoint):
+    assert requests.get(f"{local_endpoint.url}/", timeout=5).text == "Healthy"
+    assert requests.get(f"{local_endpoint.url}/live", timeout=5).status_code == 200
+    assert requests.get(f"{local_endpoint.url}/ready", timeout=5).status_code == 200
+
+
+def test_wrong_path_and_method_are_json_errors(local_endpoint):
+    missing = requests.get(f"{local_endpoint.url}/scores", timeout=5)
+    assert missing.status_code == 404 and "/score" in missing.json()["error"]
+    wrong_method = requests.get(f"{local_endpoint.url}/score", timeout=5)
+    assert wrong_method.status_code == 405 and wrong_method.headers["Allow"] == "POST"
+    assert "POST" in wrong_method.json()["error"]
+
+
+# --- The key ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Bearer not-the-key"},
+    {"Authorization": "Bearer "},
+    {"Authorization": "not-the-key"},
+], ids=["missing", "wrong", "empty", "no-bearer"])
+def test_a_missing_or_wrong_key_gets_401(local_endpoint, headers):
+    response = requests.post(f"{local_endpoint.url}/score", json={"input_data": ["Hi"]}, headers=headers, timeout=10)
+    assert response.status_code == 401
+    assert "Authorization: Bearer" in response.json()["error"]
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_the_key_without_bearer_is_refused(local_endpoint):
+    response = requests.post(f"{local_endpoint.url}/score", json={"input_data": ["Hi"]},
+                             headers={"Authorization": local_endpoint.key}, timeout=10)
+    assert response.status_code == 401 and local_endpoint.key not in response.text
+
+
+# --- Bad requests -------------------------------------------------------------------------------------
+
+def test_invalid_json_gets_400_with_the_parsers_reason(local_endpoint):
+    response = requests.post(f"{local_endpoint.url}/score", data='{"input_data": [',
+                             headers={"Authorization": f"Bearer {local_endpoint.key}"}, timeout=10)
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"] and "line 1 column" in response.json()["error"]
+
+
+def test_an_unknown_param_gets_400_naming_it(local_endpoint):
+    response = local_endpoint.post({"input_data": ["Hi"], "params": {"max_length": 10}})
+    assert response.status_code == 400 and "max_length" in response.json()["error"]
+
+
+def test_a_wrong_param_type_gets_400(local_endpoint):
+    response = local_endpoint.post({"input_data": ["Hi"], "params": {"max_new_tokens": True}})
+    assert response.status_code == 400 and "max_new_tokens" in response.json()["error"]
+
+
+@pytest.mark.parametrize("body", [
+    {"input_data": []},
+    {"params": {}},
+    [1, 2, 3],
+    {"input_data": [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]},
+])
+def test_a_bad_shape_gets_400(local_endpoint, body):
+    response = local_endpoint.post(body)
+    assert response.status_code == 400 and response.json()["error"]
+
+
+def test_an_oversize_body_gets_413(local_endpoint):
+    body = {"input_data": ["x" * MAX_REQUEST_BYTES]}
+    declared = local_endpoint.post(body)
+    assert declared.status_code == 413 and "MAX_REQUEST_BYTES" in declared.json()["error"]
+
+    def chunks():  # no Content-Length: the limit is checked while reading
+        yield b'{"input_data": ["'
+        for _ in range(8):
+            yield b"x" * (MAX_REQUEST_BYTES // 4)
+        yield b'"]}'
+
+    chunked = requests.post(f"{local_endpoint.url}/score", data=chunks(), timeout=30,
+                            headers={"Authorization": f"Bearer {local_endpoint.key}"})
+    assert chunked.status_code == 413
+    assert local_endpoint.post({"input_data": ["Hi"], "params": {"max_new_tokens": 2}}).status_code == 200
+
+
+# --- Concurrency: 1 slot, a short queue; the rest get 429, none are lost ------------------------------
+
+def test_simultaneous_requests_beyond_the_cap_get_429(local_endpoint):
+    # Long prompts make each answer take a while, whether or not the model stops early at <|end|>.
+    questions = [("Tell me about the history of computing, " * 30) + str(i) for i in range(4)]
+    body = {"input_data": questions, "params": {"max_new_tokens": 64}}
+    count = 12
+    start = threading.Barrier(count)
+    results = [None] * count
+
+    def call(i):
+        start.wait()
+        try:
+            response = local_endpoint.post(body)
+            results[i] = (response.status_code, response.headers.get("Retry-After"), response.json())
+        except requests.RequestException as error:
+            results[i] = ("lost", None, repr(error))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    statuses = [result[0] for result in results]
+    assert set(statuses) <= {200, 429}, results
+    assert statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
+    for status, retry_after, payload in results:
+        if status == 429:
+            assert retry_after and int(retry_after) >= 1 and "busy" in payload["error"]
+        else:
+            assert len(payload) == len(questions)
+    assert requests.get(f"{local_endpoint.url}/ready", timeout=5).status_code == 200
+    assert local_endpoint.post({"input_data": ["Hi"], "params": {"max_new_tokens": 2}}).status_code == 200
+
+
+# --- Starting the server --------------------------------------------------------------------------------
+
+def test_the_server_refuses_to_start_without_a_key(served_model_dir):
+    for env in (server_env(), server_env(LOCAL_ENDPOINT_KEY="  ")):
+        result = subprocess.run([sys.executable, "local_endpoint.py", "--model-dir", str(served_model_dir),
+                                 "--port", str(free_port())], cwd=PROJECT_DIR, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2 and "LOCAL_ENDPOINT_KEY" in result.stderr
+
+
+def test_the_server_refuses_a_folder_without_a_model(tmp_path):
+    result = subprocess.run([sys.executable, "local_endpoint.py", "--model-dir", str(tmp_path), "--port",
+                             str(free_port())], cwd=PROJECT_DIR, env=server_env(LOCAL_ENDPOINT_KEY="k"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "MLmodel" in result.stderr
+
+
+# --- In-process: timeouts and failures of the scoring script ---------------------------------------------
+
+def test_a_request_over_the_timeout_gets_504_and_frees_the_model(served_model_dir):
+    from starlette.testclient import TestClient
+
+    import local_endpoint as endpoint_module
+
+    # Any generation takes longer than 0.1 ms; the stopped one must free the single slot for the next.
+    app = endpoint_module.create_app(served_model_dir, "k", max_concurrent=1, max_queue_wait_s=5,
+                                     request_timeout_s=0.0001)
+    headers = {"Authorization": "Bearer k"}
+    body = {"input_data": ["Tell me a long story."], "params": {"max_new_tokens": 500}}
+    with TestClient(app) as client:
+        wait_in_process(client)
+        for _ in range(2):
+            started = time.monotonic()
+            response = client.post("/score", json=body, headers=headers)
+            assert response.status_code == 504 and "REQUEST_TIMEOUT_MS" in response.json()["error"]
+            assert time.monotonic() - started < 4  # the second did not wait for the first's 500 tokens
+
+
+def test_a_failing_scoring_script_gets_500_and_the_server_keeps_serving(tmp_path):
+    from starlette.testclient import TestClient
+
+    import local_endpoint as endpoint_module
+
+    script = tmp_path / "score.py"
+    script.write_text(
+        "class BadRequest(ValueError):\n    pass\n\n"
+        "def init(model_dir=None):\n    pass\n\n"
+        "def run(raw_data):\n"
+        "    if raw_data['input_data'] == 'boom':\n        raise RuntimeError('the GPU caught fire')\n"
+        "    return ['ok']\n"
+    )
+    app = endpoint_module.create_app(tmp_path, "k", scoring_script=script)
+    with TestClient(app) as client:
+        wait_in_process(client)
+        failed = client.post("/score", json={"input_data": "boom"}, headers={"Authorization": "Bearer k"})
+        assert failed.status_code == 500 and "the GPU caught fire" in failed.json()["error"]
+        assert client.post("/score", json={"input_data": "x"}, headers={"Authorization": "Bearer k"}).json() == ["ok"]
+
+
+def test_a_model_that_cannot_load_makes_ready_say_why(tmp_path):
+    from starlette.testclient import TestClient
+
+    import local_endpoint as endpoint_module
+
+    (tmp_path / "MLmodel").write_text("flavors: {}\n")
+    (tmp_path / "model").mkdir()
+    with TestClient(endpoint_module.create_app(tmp_path, "k")) as client:
+        deadline = time.monotonic() + 60
+        while (ready := client.get("/ready")).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.status_code == 500 and "failed to load" in ready.json()["error"]
+
+
+def wait_in_process(client, timeout_s=60):
+    """Poll an in-process app's /ready until 200."""
+    deadline = time.monotonic() + timeout_s
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/ready").text
+        time.sleep(0.05)
+
+
+# --- Last: nothing above leaked the key into the server's log ---------------------------------------------
+
+def test_the_key_never_appears_in_the_log(local_endpoint):
+    # A key in the query string (a client mistake) must not reach the log either.
+    requests.post(f"{local_endpoint.url}/score?key={local_endpoint.key}", json={"input_data": ["Hi"]},
+                  headers={"Authorization": f"Bearer {local_endpoint.key}"}, timeout=30)
+    time.sleep(0.2)  # the log line is written after the response
+    log = local_endpoint.log_path.read_text()
+    assert local_endpoint.key not in log
+    assert "POST /score 401" in log and "POST /score 200" in log and "POST /score 429" in log
