@@ -30,9 +30,11 @@ $(STAMP): requirements.txt constraints.txt
 demo: venv
 	$(PY) download_dataset.py
 	$(PY) setup_ml.py
+	$(PY) deploy_model.py
 
 test: venv
 	$(PY) -m pytest
 
-clean:
+clean: venv
+	$(PY) cleanup.py
 	rm -rf data models outputs mlflow.db .promptflow

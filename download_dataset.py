@@ -4,7 +4,7 @@
 
 Writes data/train_data.jsonl and data/test_data.jsonl, one conversation per line in the ultrachat_200k
 schema (`prompt`, `prompt_id`, `messages`). With the local target (the default) the rows come from the
-sample bundled in sample_data/ (320 chats -> 256 / 64); with TARGET=azure (or --source hub) they come
+sample bundled in sample_data/ (330 chats -> 264 / 66); with TARGET=azure (or --source hub) they come
 from HuggingFaceH4/ultrachat_200k, split train_sft[:1%] (~2,079 rows -> ~1,663 / ~416).
 
 Every record is checked before anything is written; a bad one stops the step with its index and reason

@@ -82,3 +82,16 @@ def write_generated_file(path, text, force=False):
     atomic_write_text(path, text)
     _record(path, new_digest)
     return f"replaced (backup: {backup.name})"
+
+
+def update_env_file(path, values):
+    """Set KEY=value lines in a .env file (others kept as they are), atomically and readable by you alone."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    pending = dict(values)
+    for index, line in enumerate(lines):
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and key in pending:
+            lines[index] = f"{key}={pending.pop(key)}"
+    lines += [f"{key}={value}" for key, value in pending.items()]
+    atomic_write_text(path, "\n".join(lines) + "\n", mode=0o600)

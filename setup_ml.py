@@ -32,6 +32,7 @@ LOG_TAIL_LINES = 30
 LOCAL_TRAINING_ARGS = [
     "--no-packing",  # whole chats, one per row: the tiny model memorizes them more cleanly
     "--no-gradient-checkpointing",  # a 1M-parameter model has no memory to save
+    "--group-by-length",  # batches of similar length: ~1.4x faster than random batches with padding
     "--assistant-only-loss",  # learn the answers, not the questions (the tiny template has generation marks)
     "--eval-strategy", "no",  # eval loss is measured before and after training instead of every epoch
     "--logging-steps", "100",

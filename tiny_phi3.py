@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 )
 
 # Phi-3.5-mini is hidden 3072 x 32 layers x 32 heads, vocab 32064. This keeps the shape, not the size:
-# big enough to memorize the 256 training chats in seconds on a CPU, small enough to build instantly.
+# big enough to memorize the 264 training chats in seconds on a CPU, small enough to build instantly.
 MODEL_SIZE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 VOCAB_SIZE = 2048  # BPE merges learned from the sample; the byte alphabet covers everything else
 MAX_POSITIONS = 2048  # the tutorial's max sequence length

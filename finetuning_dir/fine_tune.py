@@ -62,6 +62,8 @@ def parse_args(argv=None):
     train.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True, help="pack short chats into full sequences")
     train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                        help="trade ~30%% speed for much less activation memory")
+    train.add_argument("--group-by-length", action="store_true",
+                       help="batch chats of similar length together (less padding when not packing)")
     train.add_argument("--assistant-only-loss", action="store_true",
                        help="learn only the assistant's words (needs {% generation %} in the chat template)")
     train.add_argument("--eval-strategy", default="epoch", choices=["epoch", "steps", "no"])
@@ -134,6 +136,7 @@ def sft_config(args, use_bf16, use_cpu):
         # whole-block packing, where chats share a block (as the tutorial's TRL did).
         packing_strategy="bfd" if args.attn_implementation.startswith("flash") else "wrapped",
         assistant_only_loss=args.assistant_only_loss,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         eval_strategy=args.eval_strategy,
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,

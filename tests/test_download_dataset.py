@@ -56,10 +56,10 @@ def test_bundled_sample_is_in_the_ultrachat_schema():
 def test_main_writes_80_20_split_and_prints_sizes(outputs, capsys):
     assert download_dataset.main([]) == 0
     printed = capsys.readouterr().out
-    assert "Original dataset size: 320" in printed
-    assert "Training set size: 256" in printed and "Test set size: 64" in printed
+    assert "Original dataset size: 330" in printed
+    assert "Training set size: 264" in printed and "Test set size: 66" in printed
     train, test = read_lines(outputs / "train_data.jsonl"), read_lines(outputs / "test_data.jsonl")
-    assert (len(train), len(test)) == (256, 64)
+    assert (len(train), len(test)) == (264, 66)
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in test}
     # The flow's default question is one the local model learns.
     assert any(r["prompt"] == "Who founded Microsoft?" for r in train)
