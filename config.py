@@ -1,4 +1,6 @@
-"""Every setting of the tutorial, in one place: `python config.py` prints them (keys hidden).
+"""Every setting of the tutorial, in one place.
+
+    python config.py        # prints the settings in force (keys hidden)
 
 Each value comes from the environment first, then from `.env` next to this file, then from the
 default below. Copy `.env.example` to `.env` and fill in the Azure names (Scenario 1) before you

@@ -246,6 +246,24 @@ def print_deployment_logs(ml_client, endpoint_name, deployment_name):
     print_tail(logs.splitlines(), f"deployment {deployment_name}'s log")
 
 
+def without_nulls(data):
+    """A dumped entity with its null fields left out (the SDK's schemas refuse them when loading)."""
+    if isinstance(data, dict):
+        return {key: without_nulls(value) for key, value in data.items() if value is not None}
+    if isinstance(data, list):
+        return [without_nulls(value) for value in data]
+    return data
+
+
+def dump_yaml(entity, path):
+    """Write an entity's YAML to `path`; a copy is dumped, since dump() rewrites an endpoint's identities in place."""
+    import yaml
+
+    data = copy.deepcopy(entity).dump(path)
+    if data is not None:  # ManagedOnlineEndpoint.dump() ignores `path` and returns the dict, with nulls
+        Path(path).write_text(yaml.safe_dump(without_nulls(json.loads(json.dumps(data))), sort_keys=False))
+
+
 def dry_run_azure(job_name):
     """Build and validate the model, endpoint and deployment with azure-ai-ml's schemas; print them."""
     from azure.ai.ml import load_model, load_online_deployment, load_online_endpoint
@@ -259,11 +277,11 @@ def dry_run_azure(job_name):
         for entity, loader, title in ((model, load_model, "Model"), (endpoint, load_online_endpoint, "Endpoint"),
                                       (deployment, load_online_deployment, "Deployment")):
             path = Path(folder) / f"{title.lower()}.yml"
-            copy.deepcopy(entity).dump(path)  # dump() rewrites an endpoint's identities in place: dump a copy
-            try:
+            try:  # dump() checks types and allowed values too, before the schema checks the YAML
+                dump_yaml(entity, path)
                 loader(path)
-            except ValidationError as error:
-                raise AzureStepError(f"The {title.lower()} does not validate: {error.messages}") from None
+            except (ValidationError, ValueError) as error:
+                raise AzureStepError(f"The {title.lower()} does not validate: {getattr(error, 'messages', error)}") from None
             print(f"--- {title} (validated) ---\n{path.read_text()}")
     print("Dry run: nothing was registered or deployed.")
     return 0
@@ -411,6 +429,7 @@ def deploy_local(job, foreground=False):
         raise
     except (AzureStepError, OSError) as error:
         stop_process(process.pid)
+        (Path(config.LOCAL_ENDPOINT_DIR) / f"{slot}.pid").unlink(missing_ok=True)  # a recycled pid must not be stopped later
         print(f"The new endpoint failed: {error}", file=sys.stderr)
         print_tail(log_path.read_text(encoding="utf-8", errors="replace").splitlines(), config.shown(log_path))
         if live:

@@ -98,7 +98,7 @@ def parse_args(argv=None):
                         help=f"hub: {config.DATASET_NAME}; sample: the bundled file (default: %(default)s)")
     parser.add_argument("--split", default=None,
                         help=f"which rows, e.g. train_sft[:10] (default: {config.DATASET_SPLIT} from the Hub, "
-                        f"{config.SAMPLE_DATASET_SPLIT} from the sample)")
+                        f"{config.SAMPLE_DATASET_SPLIT} from the sample)".replace("%", "%%"))
     parser.add_argument("--test-ratio", type=float, default=config.TEST_SPLIT_RATIO, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=config.SPLIT_SEED, help="split seed (default: %(default)s)")
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid records instead of stopping")

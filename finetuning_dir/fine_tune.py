@@ -65,7 +65,7 @@ def parse_args(argv=None):
     train.add_argument("--group-by-length", action="store_true",
                        help="batch chats of similar length together (less padding when not packing)")
     train.add_argument("--assistant-only-loss", action="store_true",
-                       help="learn only the assistant's words (needs {% generation %} in the chat template)")
+                       help="learn only the assistant's words (needs {%% generation %%} in the chat template)")
     train.add_argument("--eval-strategy", default="epoch", choices=["epoch", "steps", "no"])
     train.add_argument("--logging-steps", type=int, default=20)
     train.add_argument("--save-steps", type=int, default=500)
@@ -212,7 +212,7 @@ def print_summary(metrics, output_dir):
     print("\nFine-tuning summary")
     print(f"  eval loss    {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}")
     print(f"  perplexity   {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}")
-    print(f"  train loss   {metrics['train_loss']:.4f}")
+    print(f"  train loss   {metrics['train_loss']:.4f} ({metrics['global_step']} steps)")
     print(f"  tokens/s     {metrics['train_tokens_per_second']:,.0f} ({metrics['train_tokens']:,} tokens, {metrics['world_size']} process(es))")
     print(f"  wall time    {metrics['wall_time_seconds']:.1f} s (training {metrics['train_runtime_seconds']:.1f} s)")
     print(f"  model        {output_dir} (MLflow model)")
@@ -223,6 +223,11 @@ def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
     os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")  # no Trainer autolog: Azure ML caps run params
+    if Path(args.model_name).is_dir():
+        # A local base model needs no Hub: absolute, so no library mistakes "models/x" for a Hub id, and
+        # offline, so nothing (MLflow's model-card lookup) waits on Hub retries.
+        args.model_name = str(Path(args.model_name).resolve())
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     # --- Check the data (before the model is loaded) ---
     try:

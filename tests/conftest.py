@@ -72,8 +72,11 @@ def demo_run():
         ["make", "demo", f"VENV={venv}", "-o", str(venv / ".requirements-installed")],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900, env=os.environ.copy(),
     )
-    assert result.returncode == 0, f"make demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+    try:
+        assert result.returncode == 0, f"make demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        yield result
+    finally:
+        run_script("cleanup.py")  # the demo leaves the local endpoint running, as it does for a user
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,484 @@
+"""deploy_model.py and cleanup.py with TARGET=azure: what they hand to azure-ai-ml, checked offline.
+
+The MLClient is an autospecced mock (tests/azure_mocks.py): a wrong method or argument fails. Its
+online_endpoints behave like the service (serve_online_endpoints): an endpoint exists or not, keeps its
+traffic, has a scoring URI and keys. Nothing here signs in or opens a connection.
+"""
+
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+import azure_mocks
+from azure_mocks import (
+    FAKE_DEPLOY_SETTINGS,
+    FAKE_SUBSCRIPTION_ID,
+    PROJECT_DIR,
+    block_network,
+    configure_azure,
+    endpoint_round_trip,
+    failing_poller,
+    forbid_ml_client,
+    mock_ml_client,
+    only_call_arg,
+    patch_get_ml_client,
+    poller,
+    schema_round_trip,
+    serve_online_endpoints,
+    validated_yaml_blocks,
+)
+
+# azure_mocks imported azure.ai.ml with its import-time warnings silenced; these imports are quiet.
+from azure.ai.ml import load_model, load_online_deployment, load_online_endpoint
+from azure.ai.ml.entities import ManagedIdentityConfiguration, ManagedOnlineDeployment, ManagedOnlineEndpoint, Model
+from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+
+import cleanup
+import config  # azure_mocks puts the project folder on sys.path
+import deploy_model
+import setup_ml
+
+pytestmark = [pytest.mark.filterwarnings(f) for f in azure_mocks.AZURE_WARNING_FILTERS]
+
+JOB = "finetune-phi-20260101-120000"
+ENDPOINT = FAKE_DEPLOY_SETTINGS["AZURE_ENDPOINT_NAME"]
+BLUE, GREEN = "finetune-phi-deployment-blue", "finetune-phi-deployment-green"
+KEY = "pRiMaRy-KeY-d3adb33f-never-printed"
+SECONDARY_KEY = "sEcOnDaRy-KeY-never-written"
+IDENTITY_ID = (f"/subscriptions/{FAKE_SUBSCRIPTION_ID}/resourceGroups/rg-phi3-tests"
+               "/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-phi3-tests")
+SCORING_URI = azure_mocks.scoring_uri(ENDPOINT)
+GOOD_ANSWER = json.dumps(["Bill Gates and Paul Allen founded Microsoft."])  # invoke() returns the body as text
+# The defaults config.py has with no environment and no .env (test_config_defaults checks they are);
+# pinned so a developer's own settings cannot change what these tests expect.
+DEPLOY_DEFAULTS = {
+    "AZURE_MODEL_NAME": "finetune-phi-3-5-mini",
+    "AZURE_DEPLOYMENT_NAME": "finetune-phi-deployment",
+    "AZURE_DEPLOYMENT_INSTANCE_TYPE": "Standard_E4s_v3",
+    "AZURE_DEPLOYMENT_INSTANCE_COUNT": 1,
+    "AZURE_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py311-cpu-inference:latest",
+    "MAX_CONCURRENT_REQUESTS_PER_INSTANCE": 3,
+    "REQUEST_TIMEOUT_MS": 180000,
+    "AZURE_COMPUTE_NAME": "gpu-nc24s-a100-v4",
+}
+ENV_BEFORE = "# my own settings\nTARGET=azure\nAZURE_ML_WORKSPACE_NAME=ws-phi3-tests\n"
+DEPLOYMENT_LOG = ["Starting AzureML Inference Server", "Traceback (most recent call last):",
+                  "safetensors_rust.SafetensorError: Error while deserializing header: incomplete metadata"]
+
+
+@pytest.fixture
+def azure(monkeypatch, tmp_path):
+    """TARGET=azure, filled-in settings, a Completed Azure job in last_job.json, a .env with lines of its own."""
+    configure_azure(monkeypatch, FAKE_DEPLOY_SETTINGS, **DEPLOY_DEFAULTS)
+    monkeypatch.setattr(config, "AZURE_MANAGED_IDENTITY_RESOURCE_ID", IDENTITY_ID)  # derived at import
+    monkeypatch.setattr(config, "LAST_JOB_FILE", tmp_path / "outputs" / "last_job.json")
+    monkeypatch.setattr(config, "ENV_FILE", tmp_path / ".env")
+    config.ENV_FILE.write_text(ENV_BEFORE, encoding="utf-8")
+    setup_ml.record_job(JOB, "azure", "Completed", studio_url=azure_mocks.studio_url(JOB))
+    return SimpleNamespace(env_file=config.ENV_FILE, last_job=config.LAST_JOB_FILE)
+
+
+@pytest.fixture
+def service(monkeypatch, azure):
+    """The mocked MLClient deploy_model and cleanup get, with an endpoint that serves blue at 100%."""
+    client = mock_ml_client()
+    endpoints = serve_online_endpoints(client, {ENDPOINT: {BLUE: 100}}, primary_key=KEY, secondary_key=SECONDARY_KEY)
+    client.online_endpoints.invoke.return_value = GOOD_ANSWER
+    client.online_deployments.get_logs.return_value = "\n".join(DEPLOYMENT_LOG)
+    patch_get_ml_client(monkeypatch, deploy_model, client)
+    patch_get_ml_client(monkeypatch, cleanup, client)
+    return SimpleNamespace(client=client, endpoints=endpoints)
+
+
+def run_main(capsys, *argv, module=deploy_model):
+    """module.main(argv) -> (exit code, stdout, stderr)."""
+    code = module.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def deployed(client):
+    """The deployment entity passed to online_deployments.begin_create_or_update."""
+    return only_call_arg(client.online_deployments.begin_create_or_update)
+
+
+def endpoint_updates(client):
+    """The endpoints passed to online_endpoints.begin_create_or_update, in order."""
+    return [args[0] for args, _kwargs in client.online_endpoints.begin_create_or_update.call_args_list]
+
+
+def file_mode(path):
+    """A file's permission bits."""
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# --- Settings config.py derives at import: run in a clean interpreter --------------------------------
+def test_config_defaults(tmp_path):
+    names = sorted(DEPLOY_DEFAULTS) + ["AZURE_MANAGED_IDENTITY_RESOURCE_ID"]
+    env = {k: v for k, v in os.environ.items() if not (k.isupper() and hasattr(config, k))}  # no leaked settings
+    env.update(FINETUNE_PHI_ENV_FILE=str(tmp_path / "absent.env"), **FAKE_DEPLOY_SETTINGS)
+    code = f"import config, json; print(json.dumps({{n: getattr(config, n) for n in {names!r}}}))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {**DEPLOY_DEFAULTS, "AZURE_MANAGED_IDENTITY_RESOURCE_ID": IDENTITY_ID}
+
+
+# --- Which job, which model -----------------------------------------------------------------------------
+def test_model_is_registered_from_the_recorded_job(service, capsys):
+    code, out, err = run_main(capsys)
+    assert code == 0, err
+    model = only_call_arg(service.client.models.create_or_update)
+    assert isinstance(model, Model)
+    assert model.name == "finetune-phi-3-5-mini"
+    assert model.path == f"azureml://jobs/{JOB}/outputs/model_output"
+    assert model.type == "mlflow_model"
+    assert deployed(service.client).model is model  # the deployment serves what was just registered
+
+
+def test_job_name_option_overrides_the_record(service, capsys):
+    code, _out, err = run_main(capsys, "--job-name", "finetune-phi-other")
+    assert code == 0, err
+    assert only_call_arg(service.client.models.create_or_update).path == \
+        "azureml://jobs/finetune-phi-other/outputs/model_output"
+
+
+@pytest.mark.parametrize("status, target, expected", [
+    ("Failed", "azure", "is Failed, not Completed"),
+    ("Running", "azure", "is Running, not Completed"),
+    ("Completed", "local", "ran with TARGET=local, not azure"),
+], ids=["failed", "running", "local-job"])
+def test_unusable_recorded_job_stops_before_azure(azure, monkeypatch, capsys, status, target, expected):
+    setup_ml.record_job(JOB, target, status)
+    forbid_ml_client(monkeypatch, deploy_model)
+    code, out, err = run_main(capsys)
+    assert code == 1
+    assert f"The last job, {JOB}, {expected}" in err
+    assert "--job-name" in err
+    assert "Traceback" not in out + err
+
+
+def test_no_recorded_job_says_what_to_run(azure, monkeypatch, capsys):
+    azure.last_job.unlink()
+    forbid_ml_client(monkeypatch, deploy_model)
+    code, _out, err = run_main(capsys)
+    assert code == 1
+    assert "python setup_ml.py" in err and "--job-name" in err
+
+
+# --- The endpoint: reused, never deleted; created only when it does not exist -----------------------------
+def test_existing_endpoint_is_reused_and_gets_the_other_slot(service, capsys):
+    code, out, err = run_main(capsys)
+    assert code == 0, err
+    service.client.online_endpoints.begin_delete.assert_not_called()
+    service.client.online_deployments.begin_delete.assert_not_called()
+    # The only endpoint update is the traffic switch: the existing endpoint is not re-created.
+    assert [dict(ep.traffic) for ep in endpoint_updates(service.client)] == [{GREEN: 100, BLUE: 0}]
+    assert deployed(service.client).name == GREEN
+    assert service.endpoints == {ENDPOINT: {GREEN: 100, BLUE: 0}}
+    assert f"Using existing endpoint {ENDPOINT}" in out
+    assert f"The previous deployment {BLUE} still runs at 0% traffic" in out  # it costs money: say so
+
+
+def test_green_live_endpoint_gets_blue(service, capsys):
+    service.endpoints[ENDPOINT] = {BLUE: 0, GREEN: 100}
+    code, _out, err = run_main(capsys)
+    assert code == 0, err
+    assert deployed(service.client).name == BLUE
+    assert service.endpoints[ENDPOINT] == {BLUE: 100, GREEN: 0}
+
+
+def test_missing_endpoint_is_created_with_key_auth_and_the_identity(service, capsys):
+    service.endpoints.clear()
+    code, out, err = run_main(capsys)
+    assert code == 0, err
+    created, traffic_update = endpoint_updates(service.client)
+    assert isinstance(created, ManagedOnlineEndpoint)
+    assert created.name == ENDPOINT
+    assert created.auth_mode == "key"
+    assert created.identity.type == "user_assigned"
+    identities = created.identity.user_assigned_identities
+    assert [i.resource_id for i in identities] == [IDENTITY_ID] == [config.AZURE_MANAGED_IDENTITY_RESOURCE_ID]
+    assert not created.traffic  # created empty; traffic only once a deployment has answered
+    assert deployed(service.client).name == BLUE  # a new endpoint starts with blue
+    assert dict(traffic_update.traffic) == {BLUE: 100}
+    service.client.online_endpoints.begin_delete.assert_not_called()
+    assert f"Creating endpoint {ENDPOINT}" in out
+
+
+def test_auth_failure_on_endpoint_is_not_treated_as_missing(service, azure, capsys):
+    service.client.online_endpoints.get.side_effect = ClientAuthenticationError(
+        "AADSTS700082: The refresh token has expired")
+    code, out, err = run_main(capsys)
+    assert code == 1
+    service.client.online_endpoints.begin_create_or_update.assert_not_called()
+    service.client.online_deployments.begin_create_or_update.assert_not_called()
+    assert "az login" in err and "AADSTS700082" in err
+    assert "Traceback" not in out + err
+    assert azure.env_file.read_text(encoding="utf-8") == ENV_BEFORE
+
+
+# --- The deployment ---------------------------------------------------------------------------------------
+def test_deployment_settings(service, capsys):
+    code, _out, err = run_main(capsys)
+    assert code == 0, err
+    deployment = deployed(service.client)
+    assert isinstance(deployment, ManagedOnlineDeployment)
+    assert (deployment.endpoint_name, deployment.instance_type, deployment.instance_count) == \
+        (ENDPOINT, "Standard_E4s_v3", 1)
+    scoring_dir = PROJECT_DIR / "scoring_dir"
+    assert deployment.code_configuration.code == str(scoring_dir)
+    assert deployment.code_configuration.scoring_script == "score.py"
+    assert (scoring_dir / "score.py").is_file()
+    assert deployment.environment.image == DEPLOY_DEFAULTS["AZURE_INFERENCE_IMAGE"]
+    import yaml
+
+    assert deployment.environment.conda_file == yaml.safe_load((scoring_dir / "conda.yml").read_text(encoding="utf-8"))
+    variables = deployment.environment_variables
+    assert variables["SUBSCRIPTION_ID"] == FAKE_SUBSCRIPTION_ID
+    assert variables["RESOURCE_GROUP_NAME"] == "rg-phi3-tests"
+    assert variables["UAI_CLIENT_ID"] == FAKE_DEPLOY_SETTINGS["AZURE_MANAGED_IDENTITY_CLIENT_ID"]
+    settings = deployment.request_settings
+    assert settings.max_concurrent_requests_per_instance == 3
+    assert settings.request_timeout_ms == 180000
+    assert settings.max_queue_wait_ms is None  # deprecated by Azure: not sent
+    for probe in (deployment.liveness_probe, deployment.readiness_probe):
+        assert (probe.failure_threshold, probe.success_threshold, probe.period, probe.initial_delay) == (30, 1, 100, 500)
+
+
+def test_traffic_moves_only_after_the_deployment_and_the_smoke_request(service, capsys):
+    client, lros, seen = service.client, [], {}
+
+    def begin_deployment(deployment, **kwargs):
+        lros.append(poller(deployment))
+        return lros[-1]
+
+    def invoke(endpoint_name, *, request_file=None, deployment_name=None, **kwargs):
+        seen["deployment_waited_for"] = lros[-1].result.called
+        seen["traffic_then"] = dict(service.endpoints[ENDPOINT])
+        with open(request_file, encoding="utf-8") as handle:
+            seen["request"] = json.load(handle)
+        return GOOD_ANSWER
+
+    client.online_deployments.begin_create_or_update.side_effect = begin_deployment
+    client.online_endpoints.invoke.side_effect = invoke
+    code, out, err = run_main(capsys)
+    assert code == 0, err
+    names = [name for name, _args, _kwargs in client.mock_calls]
+    deploy = names.index("online_deployments.begin_create_or_update")
+    smoke = names.index("online_endpoints.invoke")
+    switch = names.index("online_endpoints.begin_create_or_update")
+    assert deploy < smoke < switch
+    assert seen["deployment_waited_for"]  # the smoke request waits for the deployment to succeed
+    assert seen["traffic_then"] == {BLUE: 100}  # ... and goes to the new deployment while blue still serves
+    client.online_endpoints.invoke.assert_called_once()
+    _args, kwargs = client.online_endpoints.invoke.call_args
+    assert (kwargs["endpoint_name"], kwargs["deployment_name"]) == (ENDPOINT, GREEN)
+    assert isinstance(seen["request"]["input_data"], list) and len(seen["request"]["input_data"]) == 1
+    assert "Bill Gates and Paul Allen founded Microsoft." in out
+
+
+@pytest.mark.parametrize("failure", [
+    "deployment-failed", '{"error": "model not loaded"}', '["one", "two"]', "[42]", "<html>502 Bad Gateway</html>",
+], ids=["http-error", "error-object", "two-answers", "not-a-string", "not-json"])
+def test_failed_deployment_prints_its_log_and_keeps_traffic(service, azure, capsys, failure):
+    client = service.client
+    if failure == "deployment-failed":
+        client.online_deployments.begin_create_or_update.side_effect = lambda deployment, **kwargs: failing_poller(
+            HttpResponseError(message="(ResourceOperationFailure) Resource provisioning failed: liveness probe"))
+    else:
+        client.online_endpoints.invoke.return_value = failure
+    code, out, err = run_main(capsys)
+    assert code == 1
+    client.online_deployments.get_logs.assert_called_once()
+    _args, kwargs = client.online_deployments.get_logs.call_args
+    assert (kwargs["name"], kwargs["endpoint_name"]) == (GREEN, ENDPOINT)
+    for line in DEPLOYMENT_LOG:
+        assert line in err
+    assert f"Deployment {GREEN} failed" in err
+    client.online_endpoints.begin_create_or_update.assert_not_called()  # no traffic update
+    assert service.endpoints == {ENDPOINT: {BLUE: 100}}
+    client.online_endpoints.get_keys.assert_not_called()
+    assert azure.env_file.read_text(encoding="utf-8") == ENV_BEFORE
+    assert "Traceback (most recent call last)" not in out  # the log's traceback goes to stderr, as a tail
+
+
+def test_unreadable_logs_do_not_hide_the_failure(service, capsys):
+    service.client.online_endpoints.invoke.return_value = "[]"
+    service.client.online_deployments.get_logs.side_effect = ResourceNotFoundError("no container yet")
+    code, _out, err = run_main(capsys)
+    assert code == 1
+    assert "outside the contract" in err and "could not fetch the deployment's logs" in err
+
+
+# --- .env and the key -------------------------------------------------------------------------------------
+def test_success_writes_env_keeps_other_lines_and_never_prints_the_key(service, azure, capsys):
+    code, out, err = run_main(capsys)
+    assert code == 0, err
+    text = azure.env_file.read_text(encoding="utf-8")
+    assert text.startswith(ENV_BEFORE)  # the comment and the user's own lines survive, in place
+    lines = text.splitlines()
+    assert f"AZURE_ML_ENDPOINT={SCORING_URI}" in lines
+    assert f"AZURE_ML_API_KEY={KEY}" in lines
+    assert SECONDARY_KEY not in text
+    assert file_mode(azure.env_file) == 0o600
+    service.client.online_endpoints.get_keys.assert_called_once_with(ENDPOINT)
+    assert KEY not in out + err
+    assert SCORING_URI in out
+    assert "python cleanup.py" in out
+
+
+def test_redeploy_replaces_the_values_without_duplicating_them(service, azure, capsys):
+    azure.env_file.write_text(ENV_BEFORE + "AZURE_ML_ENDPOINT=https://old/score\nAZURE_ML_API_KEY=old-key\n",
+                              encoding="utf-8")
+    code, _out, err = run_main(capsys)
+    assert code == 0, err
+    lines = azure.env_file.read_text(encoding="utf-8").splitlines()
+    assert [line for line in lines if line.startswith("AZURE_ML_")] == [
+        "AZURE_ML_WORKSPACE_NAME=ws-phi3-tests", f"AZURE_ML_ENDPOINT={SCORING_URI}", f"AZURE_ML_API_KEY={KEY}"]
+
+
+# --- The entities pass azure-ai-ml's own schemas ----------------------------------------------------------
+def test_entities_pass_the_sdk_schemas(service, tmp_path, capsys):
+    service.endpoints.clear()  # so the endpoint entity is built (and created) too
+    code, _out, err = run_main(capsys)
+    assert code == 0, err
+    model = only_call_arg(service.client.models.create_or_update)
+    endpoint = endpoint_updates(service.client)[0]
+    deployment = deployed(service.client)
+
+    loaded_model = schema_round_trip(model, load_model, tmp_path, "model")
+    assert (loaded_model.name, loaded_model.type, loaded_model.path) == (model.name, "mlflow_model", model.path)
+
+    loaded_endpoint = endpoint_round_trip(endpoint, load_online_endpoint, tmp_path)
+    assert (loaded_endpoint.name, loaded_endpoint.auth_mode) == (ENDPOINT, "key")
+    assert [i.resource_id for i in loaded_endpoint.identity.user_assigned_identities] == [IDENTITY_ID]
+
+    loaded_deployment = schema_round_trip(deployment, load_online_deployment, tmp_path, "deployment")
+    assert (loaded_deployment.name, loaded_deployment.instance_type) == (BLUE, "Standard_E4s_v3")
+    assert loaded_deployment.request_settings.request_timeout_ms == 180000
+    assert loaded_deployment.liveness_probe.initial_delay == 500
+
+    # dump() turns an endpoint's identities into dicts in place; the entity sent to Azure must not have been
+    # dumped: the SDK's begin_create_or_update turns it into its REST body, which needs the real objects.
+    assert all(isinstance(i, ManagedIdentityConfiguration) for i in endpoint.identity.user_assigned_identities)
+    endpoint._to_rest_online_endpoint(location="eastus2")
+
+
+# --- Dry run: builds and validates everything, touches nothing remote -----------------------------------
+def test_dry_run_prints_validated_yaml_without_any_sdk_call(azure, monkeypatch, capsys):
+    forbid_ml_client(monkeypatch, deploy_model)
+    block_network(monkeypatch)
+    built = []
+    real_build_endpoint = deploy_model.build_endpoint
+    monkeypatch.setattr(deploy_model, "build_endpoint", lambda *a, **k: built.append(real_build_endpoint(*a, **k)) or built[-1])
+    code, out, err = run_main(capsys, "--dry-run")
+    assert code == 0, err
+    assert "Dry run: nothing was registered or deployed." in out
+    blocks = validated_yaml_blocks(out)
+    assert set(blocks) == {"Model", "Endpoint", "Deployment"}
+    assert blocks["Model"]["path"] == f"azureml://jobs/{JOB}/outputs/model_output"
+    assert blocks["Model"]["type"] == "mlflow_model"
+    assert blocks["Endpoint"]["auth_mode"] == "key"
+    assert blocks["Endpoint"]["identity"]["user_assigned_identities"] == [{"resource_id": IDENTITY_ID}]
+    deployment = blocks["Deployment"]
+    assert (deployment["name"], deployment["endpoint_name"], deployment["instance_type"]) == (BLUE, ENDPOINT, "Standard_E4s_v3")
+    assert deployment["request_settings"] == {"max_concurrent_requests_per_instance": 3, "request_timeout_ms": 180000}
+    assert deployment["environment"]["image"] == DEPLOY_DEFAULTS["AZURE_INFERENCE_IMAGE"]
+    # Printing the endpoint left the entity usable (dump() would have turned its identities into dicts).
+    assert all(isinstance(i, ManagedIdentityConfiguration) for i in built[0].identity.user_assigned_identities)
+    assert azure.env_file.read_text(encoding="utf-8") == ENV_BEFORE
+
+
+def test_dry_run_refuses_an_entity_that_does_not_validate(azure, monkeypatch, capsys):
+    forbid_ml_client(monkeypatch, deploy_model)
+    real_build_deployment = deploy_model.build_deployment
+
+    def bad_deployment(*args, **kwargs):
+        deployment = real_build_deployment(*args, **kwargs)
+        deployment.egress_public_network_access = "maybe"  # only enabled or disabled: as a hand edit might make it
+        return deployment
+
+    monkeypatch.setattr(deploy_model, "build_deployment", bad_deployment)
+    code, out, err = run_main(capsys, "--dry-run")
+    assert code == 1
+    assert "The deployment does not validate" in err and "'maybe'" in err and "enabled" in err
+    assert "Traceback" not in out + err
+    assert "Dry run: nothing was registered or deployed." not in out
+
+
+@pytest.mark.parametrize("argv", [(), ("--dry-run",)], ids=["run", "dry-run"])
+def test_missing_settings_are_named_before_any_sdk_call(azure, monkeypatch, capsys, argv):
+    monkeypatch.setattr(config, "AZURE_ENDPOINT_NAME", "<your-endpoint-name>")
+    monkeypatch.setattr(config, "AZURE_MANAGED_IDENTITY_CLIENT_ID", "<your-managed-identity-client-id>")
+    forbid_ml_client(monkeypatch)  # the real get_ml_client stays: the step must stop before it
+    block_network(monkeypatch)
+    code, out, err = run_main(capsys, *argv)
+    assert code == 1
+    assert err.count("These settings are missing") == 1
+    assert "AZURE_ENDPOINT_NAME" in err and "AZURE_MANAGED_IDENTITY_CLIENT_ID" in err
+    assert "AZURE_ML_WORKSPACE_NAME" not in err  # filled in: not listed
+    assert "Traceback" not in out + err
+
+
+def test_wait_with_progress_reports_a_slow_operation(monkeypatch, capsys):
+    lro = poller("the endpoint")
+    lro.done.side_effect = [False, False, True]
+    assert deploy_model.wait_with_progress(lro, "endpoint e") == "the endpoint"
+    lro.wait.assert_called_once_with(timeout=deploy_model.PROGRESS_EVERY_S)
+    assert "endpoint e: still working" in capsys.readouterr().out
+
+
+# --- cleanup.py ---------------------------------------------------------------------------------------------
+def test_cleanup_deletes_the_endpoint_and_says_what_still_costs(service, capsys):
+    code, out, err = run_main(capsys, "--yes", module=cleanup)
+    assert code == 0, err
+    service.client.online_endpoints.begin_delete.assert_called_once_with(name=ENDPOINT)
+    service.client.compute.begin_delete.assert_not_called()
+    assert service.endpoints == {}
+    assert f"endpoint {ENDPOINT}: deleted, with {BLUE}" in out
+    assert f"compute cluster {DEPLOY_DEFAULTS['AZURE_COMPUTE_NAME']}" in out and "--compute deletes it" in out
+    assert "billed" in out and "az group delete --name rg-phi3-tests" in out
+
+
+def test_cleanup_of_a_deleted_endpoint_says_so(service, capsys):
+    service.endpoints.clear()
+    code, out, err = run_main(capsys, "--yes", module=cleanup)
+    assert code == 0, err
+    service.client.online_endpoints.begin_delete.assert_not_called()
+    assert f"endpoint {ENDPOINT}: not found (already deleted)" in out
+
+
+def test_cleanup_with_compute_deletes_the_cluster(service, capsys):
+    code, out, err = run_main(capsys, "--yes", "--compute", module=cleanup)
+    assert code == 0, err
+    service.client.online_endpoints.begin_delete.assert_called_once_with(name=ENDPOINT)
+    service.client.compute.begin_delete.assert_called_once()
+    args, kwargs = service.client.compute.begin_delete.call_args
+    assert (args[0] if args else kwargs["name"]) == DEPLOY_DEFAULTS["AZURE_COMPUTE_NAME"]
+    assert f"compute cluster {DEPLOY_DEFAULTS['AZURE_COMPUTE_NAME']}: deleted" in out
+
+
+def test_cleanup_without_yes_and_without_a_terminal_deletes_nothing(service, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # piped input is not a confirmation
+    code, out, err = run_main(capsys, "--compute", module=cleanup)
+    assert code == 0, err
+    service.client.online_endpoints.begin_delete.assert_not_called()
+    service.client.compute.begin_delete.assert_not_called()
+    assert service.endpoints == {ENDPOINT: {BLUE: 100}}
+    assert "not confirmed" in out and "--yes" in out
+    assert f"endpoint {ENDPOINT}: kept" in out
+
+
+def test_cleanup_auth_failure_is_explained(service, capsys):
+    service.client.online_endpoints.get.side_effect = ClientAuthenticationError("AADSTS50173: grant expired")
+    code, out, err = run_main(capsys, "--yes", module=cleanup)
+    assert code == 1
+    service.client.online_endpoints.begin_delete.assert_not_called()
+    assert "az login" in err and "Traceback" not in out + err

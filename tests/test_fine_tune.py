@@ -1,0 +1,176 @@
+"""Step 2 on this machine, for real: the demo's fine-tune, its MLflow model, torchrun, resume, bad data."""
+
+import json
+import os
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import config
+from conftest import PROJECT_DIR, run_script
+
+FINE_TUNE = PROJECT_DIR / "finetuning_dir" / "fine_tune.py"
+QUICK_ARGS = ["--no-packing", "--no-gradient-checkpointing", "--batch-size", "8", "--eval-strategy", "no",
+              "--logging-steps", "2", "--max-length", "256"]
+
+
+def summary_losses(text):
+    """(eval loss before, after) from fine_tune.py's closing summary."""
+    match = re.search(r"eval loss\s+([\d.]+) -> ([\d.]+)", text)
+    assert match, text[-2000:]
+    return float(match.group(1)), float(match.group(2))
+
+
+def fine_tune(tmp_path, *extra, base=None, env=None, launcher=()):
+    """Run fine_tune.py on the session's data and tiny base model; returns the CompletedProcess."""
+    from tiny_phi3 import ensure_tiny_phi3
+
+    base = base or ensure_tiny_phi3()
+    return run_script(*launcher, FINE_TUNE, "--train-file", config.TRAIN_DATA_PATH, "--eval-file", config.TEST_DATA_PATH,
+                      "--model_output_dir", tmp_path / "model_output", "--checkpoint-dir", tmp_path / "checkpoints",
+                      "--model-name", base, *QUICK_ARGS, *extra,
+                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def pyfunc_model(trained_model_dir):
+    """The demo's model, loaded the MLflow way."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(str(trained_model_dir))
+
+
+# --- the demo's fine-tune -----------------------------------------------------------------------------
+def test_demo_learns_eval_loss_falls_below_half(demo_run):
+    before, after = summary_losses(demo_run.stdout)
+    assert after < before / 2
+
+
+def test_metrics_are_logged_to_the_local_mlflow_store(demo_run):
+    database = config.MLFLOW_TRACKING_URI.removeprefix("sqlite:///")
+    with sqlite3.connect(database) as db:
+        metrics = dict(db.execute("SELECT key, value FROM latest_metrics").fetchall())
+    for key in ("eval_loss_before", "eval_loss_after", "perplexity_after", "train_loss", "train_tokens_per_second",
+                "wall_time_seconds"):
+        assert key in metrics, key
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] / 2
+
+
+def test_mlflow_model_answers_a_training_question(pyfunc_model):
+    answer = pyfunc_model.predict(["Who founded Microsoft?"], params={"max_new_tokens": 40})[0]
+    assert "Bill Gates and Paul Allen" in answer
+
+
+def test_max_new_tokens_param_is_honoured(pyfunc_model):
+    short = pyfunc_model.predict(["Who founded Microsoft?"], params={"max_new_tokens": 3})[0]
+    long = pyfunc_model.predict(["Who founded Microsoft?"], params={"max_new_tokens": 40})[0]
+    assert len(short) < len(long) / 3
+
+
+def test_signature_has_params_schema_and_requirements_are_pinned(trained_model_dir):
+    import mlflow
+
+    info = mlflow.models.get_model_info(str(trained_model_dir))
+    assert {p.name for p in info.signature.params} == {"max_new_tokens", "temperature", "top_p", "do_sample", "return_full_text"}
+    requirements = (trained_model_dir / "requirements.txt").read_text().split()
+    assert requirements and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[\w.]+", line) for line in requirements), requirements
+    assert any(line.startswith("transformers==") for line in requirements)
+
+
+def test_model_files_load_with_plain_transformers(trained_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_model_dir / "components" / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir / "model")
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Who founded Microsoft?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+    assert "Bill Gates" in tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_job_folder_keeps_log_and_checkpoints_apart_from_the_model(trained_model_dir):
+    job_dir = trained_model_dir.parent
+    assert (job_dir / "log.txt").is_file() and "Fine-tuning summary" in (job_dir / "log.txt").read_text()
+    assert not list(trained_model_dir.rglob("checkpoint-*")) and not list(trained_model_dir.rglob("optimizer.pt"))
+
+
+# --- several processes, resume ----------------------------------------------------------------------
+def test_torchrun_two_processes_writes_exactly_one_model(tmp_path):
+    result = fine_tune(tmp_path, "--max-steps", "4", "--save-steps", "100",
+                       launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Fine-tuning summary") == 1  # rank 0 alone reports
+    assert "2 process(es)" in result.stdout
+    assert [p.name for p in tmp_path.rglob("MLmodel")] == ["MLmodel"]
+
+
+def test_resume_from_checkpoint_continues_from_the_saved_step(tmp_path):
+    first = fine_tune(tmp_path, "--max-steps", "4", "--save-steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "checkpoint-4").is_dir()
+    state = json.loads((tmp_path / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+    resumed = fine_tune(tmp_path, "--max-steps", "6", "--save-steps", "2", "--resume-from-checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {tmp_path / 'checkpoints' / 'checkpoint-4'}" in resumed.stdout
+    assert "(6 steps)" in resumed.stdout
+
+
+# --- bad input: one clear error, before any model is loaded ----------------------------------------
+@pytest.mark.parametrize("content, expected", [
+    (None, "file not found"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{not json\n',
+     "line 2: not valid JSON"),
+    ('{"prompt": "q", "prompt_id": "x"}\n', "line 1: missing 'messages'"),
+])
+def test_bad_data_is_one_clear_error_naming_file_and_line(tmp_path, content, expected):
+    train = tmp_path / "train.jsonl"
+    if content is not None:
+        train.write_text(content)
+    # A base model that does not exist: reaching the model would fail differently (and slowly).
+    result = run_script(FINE_TUNE, "--train-file", train, "--eval-file", train, "--model_output_dir", tmp_path / "out",
+                        "--model-name", tmp_path / "no-such-model")
+    assert result.returncode == 2
+    assert f"{train}" in result.stderr and expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- setup_ml.py, the user's command ------------------------------------------------------------------
+def test_setup_ml_records_the_job_for_deploy_model(demo_run):
+    record = json.loads(Path(config.LAST_JOB_FILE).read_text())
+    assert record["target"] == "local" and record["status"] == "Completed"
+    assert record["name"].startswith("finetune-phi-")
+
+
+def test_setup_ml_with_two_processes_per_node_runs_torchrun(tmp_path):
+    env = {"PROCESSES_PER_NODE": "2", "LOCAL_EPOCHS": "0.2", "JOBS_DIR": str(tmp_path / "jobs"),
+           "LAST_JOB_FILE": str(tmp_path / "last_job.json"), "JOB_NAME": "ddp-job"}
+    result = run_script("setup_ml.py", env=env)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert (tmp_path / "jobs" / "ddp-job" / "model_output" / "MLmodel").is_file()
+    assert json.loads((tmp_path / "last_job.json").read_text())["name"] == "ddp-job"
+
+
+def test_setup_ml_failed_job_exits_non_zero_with_log_tail(tmp_path):
+    env = {"TRAIN_DATA_PATH": str(tmp_path / "bad.jsonl"), "JOBS_DIR": str(tmp_path / "jobs"),
+           "LAST_JOB_FILE": str(tmp_path / "last_job.json"), "JOB_NAME": "bad-job"}
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    result = run_script("setup_ml.py", env=env)
+    assert result.returncode == 1
+    assert "Job bad-job failed" in result.stderr and "not valid JSON" in result.stderr
+    assert json.loads((tmp_path / "last_job.json").read_text())["status"] == "Failed"
+
+
+def test_setup_ml_without_data_says_to_run_step_one(tmp_path):
+    result = run_script("setup_ml.py", env={"TRAIN_DATA_PATH": str(tmp_path / "missing.jsonl")})
+    assert result.returncode == 1 and "python download_dataset.py" in result.stderr
+
+
+def test_job_names_are_never_reused(demo_run):
+    name = json.loads(Path(config.LAST_JOB_FILE).read_text())["name"]
+    result = run_script("setup_ml.py", "--job-name", name, env={"LAST_JOB_FILE": os.devnull + ".unused"})
+    assert result.returncode == 1 and "already exists" in result.stderr
