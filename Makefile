@@ -8,8 +8,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-# No telemetry, no background services: Prompt flow keeps its settings in a project folder (.pf/),
-# where `pf config set` below turns telemetry and its trace service off.
+# No telemetry, no background services: Prompt flow keeps its settings in a project folder (.pf/), whose
+# pf.yaml (written below, as `pf config set telemetry.enabled=false trace.destination=none` would, but
+# without the telemetry event that command sends first) turns telemetry and its trace service off.
 export PF_HOME_DIRECTORY := $(CURDIR)/.pf
 export MLFLOW_DISABLE_TELEMETRY := true
 export APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED := true
@@ -24,7 +25,7 @@ venv: $(STAMP)
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
-	$(VENV)/bin/pf config set telemetry.enabled=false trace.destination=none >/dev/null
+	mkdir -p .pf && test -f .pf/pf.yaml || printf "telemetry:\n  enabled: 'false'\ntrace:\n  destination: none\n" > .pf/pf.yaml
 	touch $(STAMP)
 
 demo: venv

@@ -216,6 +216,8 @@ def deploy_azure(job_name):
             create_or_update_deployment(ml_client, endpoint_name, deployment_name, model)
             answer = smoke_test_azure(ml_client, endpoint_name, deployment_name)
         except (HttpResponseError, AzureStepError, ValueError) as error:
+            if isinstance(error, HttpResponseError) and error.status_code in (401, 403):
+                raise  # a sign-in or permission problem, not a failed deployment: azure_errors() explains it
             print(f"Deployment {deployment_name} failed: {error}", file=sys.stderr)
             print_deployment_logs(ml_client, endpoint_name, deployment_name)
             print(f"Traffic was left as it was: {endpoint.traffic or {}}", file=sys.stderr)
@@ -281,7 +283,8 @@ def dry_run_azure(job_name):
                 dump_yaml(entity, path)
                 loader(path)
             except (ValidationError, ValueError) as error:
-                raise AzureStepError(f"The {title.lower()} does not validate: {getattr(error, 'messages', error)}") from None
+                messages = getattr(error, "messages", error)
+                raise AzureStepError(f"The {title.lower()} does not validate: {messages}") from None
             print(f"--- {title} (validated) ---\n{path.read_text()}")
     print("Dry run: nothing was registered or deployed.")
     return 0
@@ -429,7 +432,8 @@ def deploy_local(job, foreground=False):
         raise
     except (AzureStepError, OSError) as error:
         stop_process(process.pid)
-        (Path(config.LOCAL_ENDPOINT_DIR) / f"{slot}.pid").unlink(missing_ok=True)  # a recycled pid must not be stopped later
+        # Forget its pid: cleanup.py must never signal whatever process gets that pid next.
+        (Path(config.LOCAL_ENDPOINT_DIR) / f"{slot}.pid").unlink(missing_ok=True)
         print(f"The new endpoint failed: {error}", file=sys.stderr)
         print_tail(log_path.read_text(encoding="utf-8", errors="replace").splitlines(), config.shown(log_path))
         if live:

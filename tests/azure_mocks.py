@@ -253,7 +253,7 @@ def scoring_uri(endpoint_name, region="eastus2"):
     return f"https://{endpoint_name}.{region}.inference.ml.azure.com/score"
 
 
-def serve_online_endpoints(client, endpoints=None, primary_key="fake-primary-key", secondary_key="fake-secondary-key"):
+def serve_online_endpoints(client, endpoints=None, primary_key="fake-primary-key", secondary_key="fake-second-key"):
     """Make client.online_endpoints behave like the service, over `endpoints` ({name: traffic dict}).
 
       get(name)                       -> a fresh ManagedOnlineEndpoint with the stored traffic and a scoring URI,

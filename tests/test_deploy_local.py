@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import stat
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,10 @@ from conftest import run_script
 
 import config
 
-pytestmark = [pytest.mark.filterwarnings(f) for f in AZURE_WARNING_FILTERS]
+pytestmark = [pytest.mark.filterwarnings(f) for f in (
+    *AZURE_WARNING_FILTERS,
+    "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning",  # MLflow's SQL store, on SQLAlchemy 2.1
+)]
 
 QUESTION = "Who founded Microsoft?"
 BROKEN_JOB = "finetune-phi-broken-weights"
@@ -203,7 +205,7 @@ def test_a_model_that_fails_to_load_leaves_the_previous_endpoint_serving(demo_ru
     result = deploy("--job-name", BROKEN_JOB)
     assert result.returncode == 1, result.stdout[-2000:]
     assert "The new endpoint failed" in result.stderr
-    assert f"--- last " in result.stderr and f"{failed_slot}.log ---" in result.stderr  # the log's tail
+    assert "--- last " in result.stderr and f"{failed_slot}.log ---" in result.stderr  # the log's tail
     assert "did not load" in result.stderr or "could not load the model" in result.stderr
     assert f"The previous endpoint ({before['slot']}, {before['url']}) keeps serving." in result.stderr
     assert "Traceback" not in result.stdout

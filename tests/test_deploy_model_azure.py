@@ -14,6 +14,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 import azure_mocks
 from azure_mocks import (
@@ -237,9 +238,8 @@ def test_deployment_settings(service, capsys):
     assert deployment.code_configuration.scoring_script == "score.py"
     assert (scoring_dir / "score.py").is_file()
     assert deployment.environment.image == DEPLOY_DEFAULTS["AZURE_INFERENCE_IMAGE"]
-    import yaml
-
-    assert deployment.environment.conda_file == yaml.safe_load((scoring_dir / "conda.yml").read_text(encoding="utf-8"))
+    conda_yml = yaml.safe_load((scoring_dir / "conda.yml").read_text(encoding="utf-8"))
+    assert deployment.environment.conda_file == conda_yml
     variables = deployment.environment_variables
     assert variables["SUBSCRIPTION_ID"] == FAKE_SUBSCRIPTION_ID
     assert variables["RESOURCE_GROUP_NAME"] == "rg-phi3-tests"
@@ -377,7 +377,8 @@ def test_dry_run_prints_validated_yaml_without_any_sdk_call(azure, monkeypatch, 
     block_network(monkeypatch)
     built = []
     real_build_endpoint = deploy_model.build_endpoint
-    monkeypatch.setattr(deploy_model, "build_endpoint", lambda *a, **k: built.append(real_build_endpoint(*a, **k)) or built[-1])
+    monkeypatch.setattr(deploy_model, "build_endpoint",
+                        lambda *args: built.append(real_build_endpoint(*args)) or built[-1])
     code, out, err = run_main(capsys, "--dry-run")
     assert code == 0, err
     assert "Dry run: nothing was registered or deployed." in out
@@ -388,7 +389,8 @@ def test_dry_run_prints_validated_yaml_without_any_sdk_call(azure, monkeypatch, 
     assert blocks["Endpoint"]["auth_mode"] == "key"
     assert blocks["Endpoint"]["identity"]["user_assigned_identities"] == [{"resource_id": IDENTITY_ID}]
     deployment = blocks["Deployment"]
-    assert (deployment["name"], deployment["endpoint_name"], deployment["instance_type"]) == (BLUE, ENDPOINT, "Standard_E4s_v3")
+    assert (deployment["name"], deployment["endpoint_name"]) == (BLUE, ENDPOINT)
+    assert deployment["instance_type"] == "Standard_E4s_v3"
     assert deployment["request_settings"] == {"max_concurrent_requests_per_instance": 3, "request_timeout_ms": 180000}
     assert deployment["environment"]["image"] == DEPLOY_DEFAULTS["AZURE_INFERENCE_IMAGE"]
     # Printing the endpoint left the entity usable (dump() would have turned its identities into dicts).
