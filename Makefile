@@ -7,35 +7,45 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
+PROMPTFLOW_PORT ?= 8080
 
 # No telemetry, no background services: Prompt flow keeps its settings in a project folder (.pf/), whose
 # pf.yaml (written below, as `pf config set telemetry.enabled=false trace.destination=none` would, but
 # without the telemetry event that command sends first) turns telemetry and its trace service off.
-export PF_HOME_DIRECTORY := $(CURDIR)/.pf
+export PF_HOME_DIRECTORY ?= $(CURDIR)/.pf
 export MLFLOW_DISABLE_TELEMETRY := true
 export APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo test chat bench clean
+.PHONY: venv demo test chat eval bench clean
 
 venv: $(STAMP)
 
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
-	mkdir -p .pf && test -f .pf/pf.yaml || printf "telemetry:\n  enabled: 'false'\ntrace:\n  destination: none\n" > .pf/pf.yaml
+	mkdir -p "$(PF_HOME_DIRECTORY)" && test -f "$(PF_HOME_DIRECTORY)/pf.yaml" || printf "telemetry:\n  enabled: 'false'\ntrace:\n  destination: none\n" > "$(PF_HOME_DIRECTORY)/pf.yaml"
 	touch $(STAMP)
 
 demo: venv
 	$(PY) download_dataset.py
 	$(PY) setup_ml.py
 	$(PY) deploy_model.py
+	$(PY) integrate_with_promptflow.py
 
 test: venv
 	$(PY) -m pytest
 
+# The chat page of step 4 (Prompt flow 1.18.5's default flask engine serves a broken page; fastapi works).
+chat: venv
+	$(VENV)/bin/pf flow serve --source ./ --port $(PROMPTFLOW_PORT) --host localhost --engine fastapi
+
+# Base model vs fine-tuned, on the test split, through the flow.
+eval: venv
+	$(PY) evaluate_flow.py --compare-base
+
 clean: venv
 	$(PY) cleanup.py
-	rm -rf data models outputs mlflow.db .promptflow
+	rm -rf data models outputs mlflow.db .promptflow .pf/.runs

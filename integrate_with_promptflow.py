@@ -10,7 +10,8 @@ chat so far plus the new question to the endpoint deploy_model.py deployed and r
 key are read from .env (AZURE_ML_ENDPOINT, AZURE_ML_API_KEY, written by deploy_model.py) on every call, so a chat
 that is already running follows a redeploy; an environment variable overrides .env. The local endpoint and an
 Azure managed online endpoint speak the same contract, so the flow is the same for both. `pf flow test` writes
-its logs and outputs to .promptflow/; the key is never logged.
+its logs and outputs to .promptflow/; the key is never logged. `make chat` serves with `--engine fastapi`
+because the default flask engine's chat page answers 400 in Prompt flow 1.18.5.
 """
 
 import argparse
@@ -22,8 +23,9 @@ import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
+import requests
 from dotenv import dotenv_values
-from promptflow.core import tool  # Prompt flow runs the function marked @tool (importing it takes ~3 s)
+from promptflow.core import tool  # Prompt flow runs the function marked @tool (this import takes 2-4 s)
 
 import config
 
@@ -100,8 +102,6 @@ def to_conversation(input_data, chat_history=None):
 
 def get_session():
     """This process's HTTP session."""
-    import requests
-
     global _session
     if _session is None:
         _session = requests.Session()
@@ -125,7 +125,7 @@ def server_message(response, api_key):
     """The error the endpoint sent: {"error": ...} from ours, {"message": ...} from Azure, else the text."""
     try:
         body = response.json()
-        text = body.get("error") or body.get("message") if isinstance(body, dict) else None
+        text = (body.get("error") or body.get("message")) if isinstance(body, dict) else None
         text = str(text or body)
     except ValueError:
         text = response.text
@@ -134,17 +134,18 @@ def server_message(response, api_key):
 
 def post_with_retries(url, body, api_key, deadline):
     """POST the request; retry a busy (429/503) or unreachable endpoint until MAX_ATTEMPTS or the deadline."""
-    import requests
-
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
     for attempt in range(1, MAX_ATTEMPTS + 1):
         left = deadline - time.monotonic()
         response, problem = None, None
+        timeout = (max(min(CONNECT_TIMEOUT_S, left), 1), max(min(READ_TIMEOUT_S, left), 1))  # (connect, read)
         try:
-            response = get_session().post(url, json=body, headers=headers,
-                                          timeout=(min(CONNECT_TIMEOUT_S, left), max(min(READ_TIMEOUT_S, left), 1)))
+            response = get_session().post(url, json=body, headers=headers, timeout=timeout)
+        except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL):
+            raise EndpointError(f"{ENDPOINT_SETTING}={url!r} is not an http(s) URL: expected the scoring URI, "
+                                "e.g. https://<endpoint>.<region>.inference.ml.azure.com/score") from None
         except requests.exceptions.ReadTimeout:
-            raise EndpointError(f"the endpoint at {url} did not answer within {min(READ_TIMEOUT_S, left):.0f} s: "
+            raise EndpointError(f"the endpoint at {url} did not answer within {timeout[1]:.0f} s: "
                                 "ask for fewer max_new_tokens, or raise REQUEST_TIMEOUT_MS") from None
         except requests.exceptions.ConnectionError as error:  # refused, DNS, connect timeout, reset
             problem = type(error).__name__

@@ -50,6 +50,14 @@ os.environ.update({
 sys.path.insert(0, str(PROJECT_DIR))
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's work folder when everything passed (kept for a look after a failure)."""
+    if exitstatus == 0:
+        import shutil
+
+        shutil.rmtree(WORK_DIR, ignore_errors=True)
+
+
 def run_script(*args, env=None, timeout=600, cwd=PROJECT_DIR):
     """Run a project command the way a user types it; returns the CompletedProcess (text)."""
     return subprocess.run(
@@ -93,3 +101,21 @@ def trained_model_dir(demo_run):
 def served_model_dir(trained_model_dir):
     """The MLflow model the serving tests load: the one `make demo` fine-tuned."""
     return trained_model_dir
+
+
+# --- Prompt flow (step 4): no telemetry, no trace service --------------------------------------------
+# What `pf config set telemetry.enabled=false trace.destination=none` writes (the Makefile runs it for .pf/),
+# written here at import, like the settings above: Prompt flow reads pf.yaml once, when a test module first
+# imports it (integrate_with_promptflow.py does), so a fixture would be too late. Writing the file also
+# skips `pf config set`'s ~4 s and the telemetry event it sends before it turns telemetry off. Without
+# trace.destination=none the first flow test starts a trace service on 127.0.0.1:23333 that outlives the tests.
+PF_HOME = Path(os.environ["PF_HOME_DIRECTORY"])
+PF_HOME.mkdir(parents=True, exist_ok=True)
+(PF_HOME / "pf.yaml").write_text("telemetry:\n  enabled: 'false'\ntrace:\n  destination: none\n")
+
+
+def read_env_file():
+    """The settings deploy_model.py wrote to this session's .env (endpoint URL and key)."""
+    from dotenv import dotenv_values
+
+    return dotenv_values(os.environ["FINETUNE_PHI_ENV_FILE"])

@@ -1,0 +1,132 @@
+"""`make chat`'s page in a real browser: ask, get the fine-tuned answer, ask a follow-up that needs the history.
+
+Headless Chromium from Debian (`apt-get install chromium chromium-driver`), driven by Selenium through
+Debian's chromedriver; nothing is downloaded. Without the browser the test is skipped, except in CI (where
+the variable CI is set), where it fails. The screenshot lands in <WORK_DIR>/screenshots/chat_page.png.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import PROJECT_DIR, WORK_DIR, free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,900"]
+ANSWER_TIMEOUT_S = 60
+
+
+def require_browser():
+    """Skip without Chromium and its driver; in CI their absence is a failure."""
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
+    if missing:
+        reason = f"no {', '.join(missing)}: install them with `apt-get install chromium chromium-driver`"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def chat_server(demo_run):
+    """`pf flow serve ... --engine fastapi` (what `make chat` runs) on a free port, in front of the local endpoint."""
+    require_browser()
+    port = free_port()
+    log_path = WORK_DIR / "pf-flow-serve.log"
+    pf = Path(sys.executable).parent / "pf"
+    command = [str(pf), "flow", "serve", "--source", str(PROJECT_DIR), "--port", str(port), "--host", "localhost",
+               "--engine", "fastapi", "--skip-open-browser"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://localhost:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"pf flow serve exited:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"pf flow serve did not start:\n{log_path.read_text()[-3000:]}"
+            try:
+                if requests.get(url + "health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # its own session: the server and anything it started
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def browser(monkeypatch):
+    """Headless Chromium with a fresh profile; Selenium Manager is never asked to download anything."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    require_browser()
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        for flag in BROWSER_FLAGS + [f"--user-data-dir={profile}"]:
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def send(driver, text):
+    """Type a message into the page's input_data box and press Enter."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    label = WebDriverWait(driver, 30).until(
+        lambda d: d.find_element(By.XPATH, "//label[starts-with(normalize-space(.), 'input_data')]"))
+    box = driver.find_element(By.ID, label.get_attribute("for"))
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+
+
+def wait_for_text(driver, text):
+    """The page's visible text, once it contains `text`."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def page_text(d):
+        return d.find_element(By.TAG_NAME, "body").text
+
+    WebDriverWait(driver, ANSWER_TIMEOUT_S).until(lambda d: text in page_text(d),
+                                                  message=f"{text!r} never appeared on the chat page")
+    return page_text(driver)
+
+
+def test_chat_page_answers_and_keeps_the_history(chat_server, browser):
+    browser.get(chat_server)
+    send(browser, "Who founded Microsoft?")
+    wait_for_text(browser, "Bill Gates")
+    send(browser, "Where is its headquarters today?")
+    # "its" only means Microsoft if the first exchange reached the endpoint with the follow-up.
+    page = wait_for_text(browser, "Redmond")
+    screenshots = WORK_DIR / "screenshots"
+    screenshots.mkdir(exist_ok=True)
+    browser.save_screenshot(str(screenshots / "chat_page.png"))
+    print(f"screenshot: {screenshots / 'chat_page.png'}")
+    for shown in ("Who founded Microsoft?", "Microsoft was founded by Bill Gates", "Where is its headquarters today?",
+                  "Microsoft's headquarters is in Redmond"):
+        assert shown in page
+    assert page.index("Bill Gates") < page.index("Where is its headquarters today?") < page.index("Redmond")
