@@ -160,6 +160,12 @@ def resolve_checkpoint(value, checkpoint_dir):
     return str(checkpoints[-1])
 
 
+def check_output_dir(path):
+    """Refuse, before any training, a model folder that already holds files (a model is never overwritten)."""
+    if Path(path).is_dir() and any(Path(path).iterdir()):
+        raise ChatDataError(f"--model_output_dir {path} is not empty: choose a new folder (a model is never overwritten)")
+
+
 def count_tokens(dataset):
     """Tokens the trainer sees in one pass over a processed dataset (padding excluded)."""
     return sum(len(ids) for ids in dataset["input_ids"])
@@ -234,6 +240,7 @@ def main(argv=None):
         train_dataset = load_chat_dataset(args.train_file)
         eval_dataset = load_chat_dataset(args.eval_file)
         resume = resolve_checkpoint(args.resume_from_checkpoint, args.checkpoint_dir)
+        check_output_dir(args.model_output_dir)
     except ChatDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

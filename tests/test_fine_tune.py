@@ -23,13 +23,13 @@ def summary_losses(text):
     return float(match.group(1)), float(match.group(2))
 
 
-def fine_tune(tmp_path, *extra, base=None, env=None, launcher=()):
+def fine_tune(tmp_path, *extra, base=None, env=None, launcher=(), output="model_output"):
     """Run fine_tune.py on the session's data and tiny base model; returns the CompletedProcess."""
     from tiny_phi3 import ensure_tiny_phi3
 
     base = base or ensure_tiny_phi3()
     return run_script(*launcher, FINE_TUNE, "--train-file", config.TRAIN_DATA_PATH, "--eval-file", config.TEST_DATA_PATH,
-                      "--model_output_dir", tmp_path / "model_output", "--checkpoint-dir", tmp_path / "checkpoints",
+                      "--model_output_dir", tmp_path / output, "--checkpoint-dir", tmp_path / "checkpoints",
                       "--model-name", base, *QUICK_ARGS, *extra,
                       env={"MLFLOW_TRACKING_URI": f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}", **(env or {})})
 
@@ -113,7 +113,11 @@ def test_resume_from_checkpoint_continues_from_the_saved_step(tmp_path):
     state = json.loads((tmp_path / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
 
-    resumed = fine_tune(tmp_path, "--max-steps", "6", "--save-steps", "2", "--resume-from-checkpoint", "latest")
+    again = fine_tune(tmp_path, "--max-steps", "6")
+    assert again.returncode == 2 and "is not empty" in again.stderr  # checked before training, nothing lost
+
+    resumed = fine_tune(tmp_path, "--max-steps", "6", "--save-steps", "2", "--resume-from-checkpoint", "latest",
+                        output="model_output_resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from {tmp_path / 'checkpoints' / 'checkpoint-4'}" in resumed.stdout
     assert "(6 steps)" in resumed.stdout
@@ -174,3 +178,13 @@ def test_job_names_are_never_reused(demo_run):
     name = json.loads(Path(config.LAST_JOB_FILE).read_text())["name"]
     result = run_script("setup_ml.py", "--job-name", name, env={"LAST_JOB_FILE": os.devnull + ".unused"})
     assert result.returncode == 1 and "already exists" in result.stderr
+
+
+def test_lora_trains_adapters_and_writes_a_plain_merged_model(tmp_path):
+    result = fine_tune(tmp_path, "--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model_output" / "model")
+    assert type(model).__name__ == "Phi3ForCausalLM"
+    assert not any("lora" in name for name, _ in model.named_parameters())  # adapters merged in
