@@ -59,13 +59,13 @@ def read_chat_jsonl(path):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ChatDataError(f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno})")
+                    raise ChatDataError(f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno})") from None
                 problem = conversation_problem(record)
                 if problem:
                     raise ChatDataError(f"{path}, line {number}: {problem}")
                 records.append(record)
         except UnicodeDecodeError as error:
-            raise ChatDataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})")
+            raise ChatDataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not records:
         raise ChatDataError(f"{path}: no records")
     return records

@@ -289,15 +289,6 @@ def serve_online_endpoints(client, endpoints=None, primary_key="fake-primary-key
     return endpoints
 
 
-def _without_nulls(data):
-    """A dumped entity without its null fields."""
-    if isinstance(data, dict):
-        return {key: _without_nulls(value) for key, value in data.items() if value is not None}
-    if isinstance(data, list):
-        return [_without_nulls(value) for value in data]
-    return data
-
-
 def endpoint_round_trip(endpoint, loader, tmp_path, name="endpoint"):
     """schema_round_trip for an online endpoint, whose dump() ignores its destination and returns a dict.
 
@@ -305,11 +296,10 @@ def endpoint_round_trip(endpoint, loader, tmp_path, name="endpoint"):
     (an identity's principal_id, client_id) that its own schema refuses on load: they are left out, as a
     person writing the YAML would. A deep copy is dumped: dump() turns the identities into dicts in place.
     """
-    import yaml
+    from deploy_model import dump_yaml
 
-    data = copy.deepcopy(endpoint).dump()
     path = Path(tmp_path) / f"{name}.yml"
-    path.write_text(yaml.safe_dump(_without_nulls(json.loads(json.dumps(data))), sort_keys=False), encoding="utf-8")
+    dump_yaml(endpoint, path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return loader(path)

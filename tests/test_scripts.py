@@ -1,7 +1,6 @@
 """Every script: a docstring that opens with its command, --help, and nothing heavy at import."""
 
 import ast
-import sys
 
 import pytest
 

@@ -27,6 +27,7 @@ from azure_mocks import (
     poller,
     schema_round_trip,
     use_tmp_data,
+    validated_yaml_blocks,
 )
 
 # azure_mocks imported azure.ai.ml with its import-time warnings silenced; these imports are quiet.
@@ -347,25 +348,13 @@ def test_ctrl_c_while_streaming_leaves_the_job_running(client, capsys):
 
 
 # --- Dry run: builds and validates everything, touches nothing remote -----------------------------------
-def yaml_blocks(out):
-    """The `--- <title> (validated) ---` blocks of the dry run's output, parsed."""
-    blocks, title = {}, None
-    for line in out.splitlines():
-        if line.startswith("--- ") and line.endswith(" (validated) ---"):
-            title = line[4:-len(" (validated) ---")]
-            blocks[title] = []
-        elif title and not line.startswith("Dry run:"):
-            blocks[title].append(line)
-    return {name: yaml.safe_load("\n".join(lines)) for name, lines in blocks.items()}
-
-
 def test_dry_run_prints_validated_yaml_without_any_sdk_call(azure, monkeypatch, capsys):
     forbid_ml_client(monkeypatch, setup_ml)
     block_network(monkeypatch)
     code, out, err = run_main(capsys, "--dry-run")  # JOB has hyphens, like the generated names
     assert code == 0, err
     assert "Dry run: nothing was submitted." in out
-    blocks = yaml_blocks(out)
+    blocks = validated_yaml_blocks(out)
     assert set(blocks) == {"Environment", "Compute cluster", "Command job"}
     assert (blocks["Environment"]["name"], blocks["Environment"]["image"]) == ("phi-3-training-environment", GPU_IMAGE)
     cluster = blocks["Compute cluster"]
