@@ -293,7 +293,8 @@ def run_local_job(job_name):
         raise AzureStepError(f"{config.shown(job_dir)} already exists: choose another JOB_NAME (jobs are never overwritten).")
     job_dir.mkdir(parents=True)
     command = local_job_command(job_dir)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": config.MLFLOW_TRACKING_URI,
+    env = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # progress bars are noise in a streamed job log
+           **os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": config.MLFLOW_TRACKING_URI,
            "MLFLOW_EXPERIMENT_NAME": config.AZURE_EXPERIMENT_NAME, "FINETUNE_RUN_NAME": job_name}
     print(f"Running job {job_name} on this machine ({config.PROCESSES_PER_NODE} process(es)); log: {config.shown(job_dir / 'log.txt')}")
     started = time.perf_counter()
