@@ -47,6 +47,13 @@ chat: venv
 eval: venv
 	$(PY) evaluate_flow.py --compare-base
 
+# The CPU benchmarks of docs/benchmarks.md (a few minutes; the endpoint benchmark serves the model of the
+# last `make demo`). On a GPU machine: python bench/train_throughput.py --size mini --profiles tutorial,tuned,lora
+bench: venv
+	$(PY) bench/train_throughput.py --size tiny
+	$(PY) bench/endpoint_load.py
+	$(PY) bench/pipeline.py
+
 clean: venv
 	$(PY) cleanup.py
 	rm -rf data models outputs mlflow.db .promptflow .pf/.runs

@@ -1,19 +1,25 @@
 """The local endpoint under load: latency percentiles, requests/s and status counts at several concurrencies.
 
-    python bench/endpoint_load.py                      # the model of the last job (outputs/last_job.json), ~2 min
-    python bench/endpoint_load.py --model-dir outputs/jobs/<job>/model_output --requests 200 --json load.json
+    python bench/endpoint_load.py                      # the model of the last job (outputs/last_job.json), ~1 min
+    python bench/endpoint_load.py --model-dir outputs/jobs/<job>/model_output --threads 1 --json load.json
 
 Starts local_endpoint.py (the server deploy_model.py starts) as a subprocess on a free loopback port with a key of
-its own, waits for /ready, sends --warmup-requests untimed, then for each concurrency (1, 3, 8, 32) sends --requests requests with the tutorial's
-request shape (but --max-new-tokens 16 and greedy decoding, so the model's time is short and the server's
-overhead shows), and finally --long-requests at the highest concurrency. Prints per run: latency p50/p95/p99 of
-the answered (200) requests, requests/s, and the counts of 200, 429, other statuses and "lost" requests (no HTTP
-response at all: connection error or client timeout; must be 0). Then the server's overhead: the same requests
-through score.run() in this process (scoring_dir/score.py, loaded as local_endpoint.py loads it, init() on the
-same model) against HTTP at concurrency 1. The server is stopped at the end, whatever happens.
+its own, waits for /ready and sends --warmup-requests untimed. Then:
+
+1. The server's overhead: alternating rounds of score.run() in this process (scoring_dir/score.py loaded with
+   local_endpoint.load_scoring_script, init() on the same model, called from a worker thread as the server's
+   thread pool calls it) and of the same requests over HTTP from one client; prints both p50s, the difference
+   in ms and the ratio.
+2. The load: for each concurrency (1, 3, 8, 32) --requests requests, then --long-requests at the highest, with
+   the tutorial's request shape but --max-new-tokens 16 and greedy decoding (the model's time is short, so the
+   server's share shows). Prints per run: latency p50/p95/p99 of the answered (200) requests, answered/s,
+   responses/s, and the counts of 200, 429, other statuses and "lost" requests (no HTTP response at all:
+   connection error or client timeout; must be 0 — the exit code is 1 otherwise).
 
 Clients keep one HTTP/1.1 connection each and never retry: a 429 (more than MAX_CONCURRENT_REQUESTS_PER_INSTANCE
-requests in flight for longer than MAX_QUEUE_WAIT_MS) is counted, as a load balancer would see it.
+requests in flight for longer than MAX_QUEUE_WAIT_MS) is counted, as a load balancer would see it. Every run is
+bounded in requests and in time (--run-time-limit-s), the server listens on 127.0.0.1 only and is stopped at the
+end whatever happens. --json FILE also writes the results.
 """
 
 import argparse
@@ -23,7 +29,6 @@ import os
 import secrets
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +57,8 @@ def parse_args(argv=None):
     parser.add_argument("--long-requests", type=int, default=1000, help="one more run at the highest concurrency (0: none)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--warmup-requests", type=int, default=10, help="untimed requests before the first run")
-    parser.add_argument("--in-process-requests", type=int, default=100, help="score.run() calls for the overhead figure")
+    parser.add_argument("--overhead-rounds", type=int, default=4, help="alternating rounds of in-process and HTTP calls")
+    parser.add_argument("--overhead-calls", type=int, default=50, help="calls per round, each way")
     parser.add_argument("--request-timeout-s", type=float, default=60.0, help="client timeout; a timed-out request is lost")
     parser.add_argument("--run-time-limit-s", type=float, default=300.0, help="no new request after this long in one run")
     parser.add_argument("--threads", type=int, default=None,
@@ -82,7 +88,8 @@ def default_model_dir():
     """model_output of the job setup_ml.py recorded last."""
     record_path = Path(config.LAST_JOB_FILE)
     if not record_path.is_file():
-        raise SystemExit(f"error: {config.shown(record_path)} not found: run `python setup_ml.py` first, or pass --model-dir")
+        raise SystemExit(f"error: {config.shown(record_path)} not found: run `make demo` (or `python setup_ml.py`) "
+                         "first, or pass --model-dir")
     path = Path(json.loads(record_path.read_text())["model_output"])
     return path if path.is_absolute() else PROJECT_DIR / path
 
@@ -226,30 +233,53 @@ def _ms(seconds):
 
 
 # --- Overhead: the scoring script without the server ----------------------------------------------------------------
-def in_process_latencies(model_dir, bodies, count, max_new_tokens_limit, threads=None):
-    """score.run() on the same requests in this process; returns (seconds per call, load seconds)."""
+def load_scorer_in_process(model_dir, max_new_tokens_limit, threads=None):
+    """scoring_dir/score.py loaded as local_endpoint.py loads it, init() on the same model; returns (module, seconds)."""
     import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    os.environ["MAX_NEW_TOKENS_LIMIT"] = str(max_new_tokens_limit)  # what local_endpoint.py sets for score.py
     from transformers.utils import logging as transformers_logging
 
     from local_endpoint import load_scoring_script
 
+    if threads:
+        torch.set_num_threads(threads)
     transformers_logging.disable_progress_bar()
+    os.environ["MAX_NEW_TOKENS_LIMIT"] = str(max_new_tokens_limit)  # what local_endpoint.py sets for score.py
     scorer = load_scoring_script()
     started = time.perf_counter()
     scorer.init(str(model_dir))
-    load_s = time.perf_counter() - started
-    for body in bodies:  # warm-up, as the server gets --warmup-requests
-        scorer.run(body)
+    return scorer, time.perf_counter() - started
+
+
+def in_process_latencies(scorer, bodies, count):
+    """`count` score.run() calls on the bodies, from a worker thread as the server's thread pool calls it."""
     latencies = []
-    for index in range(count):
-        started = time.perf_counter()
-        scorer.run(bodies[index % len(bodies)])
-        latencies.append(time.perf_counter() - started)
-    return latencies, load_s
+
+    def calls():
+        for index in range(count):
+            started = time.perf_counter()
+            scorer.run(bodies[index % len(bodies)])
+            latencies.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=calls)
+    thread.start()
+    thread.join()
+    return latencies
+
+
+def measure_overhead(scorer, port, key, bodies, rounds, per_round, timeout_s):
+    """Alternate rounds of in-process score.run() and HTTP at 1 client (so drifting load hits both alike)."""
+    in_process, over_http, lost = [], [], 0
+    in_process_latencies(scorer, bodies, len(bodies))  # warm-up
+    for _ in range(rounds):
+        in_process += in_process_latencies(scorer, bodies, per_round)
+        results, _, _ = run_load(port, key, bodies, 1, per_round, timeout_s, 3600)
+        over_http += [seconds for status, seconds in results if status == 200]
+        lost += sum(1 for status, _ in results if status != 200)
+    in_p50, http_p50 = percentile(in_process, 50) * 1000, percentile(over_http, 50) * 1000
+    return {"rounds": rounds, "calls_each": len(in_process), "in_process_p50_ms": in_p50,
+            "in_process_p95_ms": percentile(in_process, 95) * 1000, "http_p50_ms": http_p50,
+            "http_p95_ms": percentile(over_http, 95) * 1000, "overhead_p50_ms": http_p50 - in_p50,
+            "ratio_http_to_in_process": http_p50 / in_p50, "http_not_200": lost}
 
 
 # --- Output ----------------------------------------------------------------------------------------------------------
@@ -265,7 +295,7 @@ def print_runs(runs):
 
 
 def main(argv=None):
-    """Start the endpoint, load it, measure the overhead, stop it."""
+    """Start the endpoint, measure its overhead, load it, stop it."""
     args = parse_args(argv)
     model_dir = (args.model_dir or default_model_dir()).resolve()
     bodies = request_bodies(sample_questions(), args.max_new_tokens)
@@ -274,12 +304,8 @@ def main(argv=None):
     print(f"Model: {config.shown(model_dir)}; {len(bodies)} different questions, max_new_tokens {args.max_new_tokens}, "
           f"greedy; server cap {config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE} concurrent, "
           f"{config.MAX_QUEUE_WAIT_MS} ms queue wait")
+    scorer, load_s = load_scorer_in_process(model_dir, config.MAX_NEW_TOKENS_LIMIT, args.threads)
 
-    # --- The scoring script alone, in this process ---
-    inproc, inproc_load_s = in_process_latencies(model_dir, bodies, args.in_process_requests, config.MAX_NEW_TOKENS_LIMIT,
-                                                 args.threads)
-
-    # --- The server ---
     key, port = secrets.token_urlsafe(32), free_port()
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as folder:
@@ -287,8 +313,11 @@ def main(argv=None):
         process = start_server(model_dir, port, key, log_path, args.threads)
         try:
             ready_s = wait_until_ready(process, port)
-            print(f"local_endpoint.py (pid {process.pid}) ready on http://{HOST}:{port}/score in {ready_s:.1f} s")
+            print(f"local_endpoint.py (pid {process.pid}) ready on http://{HOST}:{port}/score in {ready_s:.1f} s "
+                  f"(score.init() in this process: {load_s:.1f} s)")
             run_load(port, key, bodies, 1, args.warmup_requests, args.request_timeout_s, args.run_time_limit_s)
+            overhead = measure_overhead(scorer, port, key, bodies, args.overhead_rounds, args.overhead_calls,
+                                        args.request_timeout_s)
             plan = [(level, args.requests) for level in args.concurrency]
             if args.long_requests:
                 plan.append((max(args.concurrency), args.long_requests))
@@ -304,27 +333,22 @@ def main(argv=None):
         finally:
             stop_server(process)
     print_runs(runs)
-
-    http_p50 = runs[0]["p50_ms"] if runs and runs[0]["concurrency"] == 1 else None
-    inproc_p50 = percentile(inproc, 50) * 1000
-    overhead = {"in_process_p50_ms": inproc_p50, "in_process_p95_ms": percentile(inproc, 95) * 1000,
-                "in_process_calls": len(inproc), "in_process_load_s": inproc_load_s, "http_p50_ms": http_p50,
-                "overhead_p50_ms": http_p50 - inproc_p50 if http_p50 else None,
-                "ratio_http_to_in_process": http_p50 / inproc_p50 if http_p50 else None,
-                "in_process_mean_ms": statistics.mean(inproc) * 1000}
-    print(f"\nscore.run() in-process: p50 {inproc_p50:.1f} ms, p95 {overhead['in_process_p95_ms']:.1f} ms "
-          f"({len(inproc)} calls)")
-    if http_p50:
-        print(f"HTTP at 1 client:       p50 {http_p50:.1f} ms -> server overhead {overhead['overhead_p50_ms']:.1f} ms "
-              f"per request (x{overhead['ratio_http_to_in_process']:.2f})")
+    print(f"\nServer overhead ({overhead['rounds']} alternating rounds, {overhead['calls_each']} calls each way, "
+          f"worker thread in both):")
+    print(f"  score.run() in-process  p50 {overhead['in_process_p50_ms']:.1f} ms, p95 {overhead['in_process_p95_ms']:.1f} ms")
+    print(f"  HTTP, 1 client          p50 {overhead['http_p50_ms']:.1f} ms, p95 {overhead['http_p95_ms']:.1f} ms")
+    print(f"  -> {overhead['overhead_p50_ms']:+.1f} ms per request at p50 (HTTP / in-process = "
+          f"{overhead['ratio_http_to_in_process']:.2f})")
     lost = sum(run["lost"] for run in runs)
     busy_at_or_below_cap = sum(run["busy_429"] for run in runs if run["concurrency"] <= config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE)
     print(f"Lost requests (no HTTP response): {lost}; 429s at or below the cap of "
           f"{config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE}: {busy_at_or_below_cap}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model_dir": str(model_dir), "threads": args.threads, "max_new_tokens": args.max_new_tokens,
-                                         "ready_s": ready_s, "runs": runs, "overhead": overhead}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"model_dir": str(model_dir), "threads": args.threads,
+                                         "max_new_tokens": args.max_new_tokens, "ready_s": ready_s,
+                                         "in_process_init_s": load_s, "runs": runs, "overhead": overhead,
+                                         "cores": os.cpu_count()}, indent=2) + "\n")
         print(f"Wrote {args.json}")
     return 1 if lost else 0
 

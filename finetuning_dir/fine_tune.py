@@ -132,9 +132,10 @@ def sft_config(args, use_bf16, use_cpu):
         use_cpu=use_cpu,
         max_length=args.max_length,
         packing=args.packing,
-        # Best-fit packing runs padding-free, which only FlashAttention keeps apart; other kernels need
-        # whole-block packing, where chats share a block (as the tutorial's TRL did).
-        packing_strategy="bfd" if args.attn_implementation.startswith("flash") else "wrapped",
+        # Best-fit packing runs padding-free, which only FlashAttention keeps apart ("bfd_split" splits a chat
+        # longer than max_length instead of dropping its end); other kernels need whole-block packing, where
+        # chats share a block (as the tutorial's TRL did).
+        packing_strategy="bfd_split" if args.attn_implementation.startswith("flash") else "wrapped",
         assistant_only_loss=args.assistant_only_loss,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         eval_strategy=args.eval_strategy,
