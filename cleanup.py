@@ -15,7 +15,7 @@ from pathlib import Path
 
 import config
 from deploy_model import SLOTS, endpoint_state_file, stop_process
-from ml_client import AzureStepError, azure_errors, exit_with, get_ml_client
+from ml_client import StepError, azure_errors, exit_with, get_ml_client
 
 
 def stop_local_endpoints():
@@ -112,7 +112,7 @@ def main(argv=None):
             print("No local endpoint is running.")
         print("Nothing local costs money. Data, models, jobs and mlflow.db are kept (make clean removes them).")
         return 0
-    except (AzureStepError, config.MissingSettingsError) as error:
+    except (StepError, config.MissingSettingsError) as error:
         return exit_with(error)
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import config
-from ml_client import AzureStepError, azure_errors, exit_with, get_ml_client
+from ml_client import StepError, azure_errors, exit_with, get_ml_client
 from safe_write import atomic_write_text, update_env_file
 from setup_ml import print_tail, read_last_job
 
@@ -46,12 +46,12 @@ def find_job(job_name, target):
     if job_name:
         return record if record and record.get("name") == job_name else {"name": job_name, "target": target}
     if not record:
-        raise AzureStepError("No fine-tuning job recorded: run `python setup_ml.py` first, or pass --job-name.")
+        raise StepError("No fine-tuning job recorded: run `python setup_ml.py` first, or pass --job-name.")
     if record.get("target") != target:
-        raise AzureStepError(f"The last job, {record['name']}, ran with TARGET={record.get('target')}, not {target}: "
+        raise StepError(f"The last job, {record['name']}, ran with TARGET={record.get('target')}, not {target}: "
                              "run setup_ml.py for this target, or pass --job-name.")
     if record.get("status") != "Completed":
-        raise AzureStepError(f"The last job, {record['name']}, is {record.get('status')}, not Completed: "
+        raise StepError(f"The last job, {record['name']}, is {record.get('status')}, not Completed: "
                              "run `python setup_ml.py` again (or pass --job-name).")
     return record
 
@@ -188,7 +188,7 @@ def smoke_test_azure(ml_client, endpoint_name, deployment_name):
 def check_smoke_answer(answer):
     """The contract's answer: a list with one string per input."""
     if not (isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], str)):
-        raise AzureStepError(f"The smoke request got an answer outside the contract: {str(answer)[:300]}")
+        raise StepError(f"The smoke request got an answer outside the contract: {str(answer)[:300]}")
     return answer[0]
 
 
@@ -215,7 +215,7 @@ def deploy_azure(job_name):
         try:
             create_or_update_deployment(ml_client, endpoint_name, deployment_name, model)
             answer = smoke_test_azure(ml_client, endpoint_name, deployment_name)
-        except (HttpResponseError, AzureStepError, ValueError) as error:
+        except (HttpResponseError, StepError, ValueError) as error:
             if isinstance(error, HttpResponseError) and error.status_code in (401, 403):
                 raise  # a sign-in or permission problem, not a failed deployment: azure_errors() explains it
             print(f"Deployment {deployment_name} failed: {error}", file=sys.stderr)
@@ -284,7 +284,7 @@ def dry_run_azure(job_name):
                 loader(path)
             except (ValidationError, ValueError) as error:
                 messages = getattr(error, "messages", error)
-                raise AzureStepError(f"The {title.lower()} does not validate: {messages}") from None
+                raise StepError(f"The {title.lower()} does not validate: {messages}") from None
             print(f"--- {title} (validated) ---\n{path.read_text()}")
     print("Dry run: nothing was registered or deployed.")
     return 0
@@ -362,7 +362,7 @@ def start_local_endpoint(model_dir, slot, key, foreground=False):
     port = config.LOCAL_ENDPOINT_PORT + SLOTS.index(slot)
     host = config.LOCAL_ENDPOINT_HOST
     if not port_is_free(host, port):
-        raise AzureStepError(f"Port {port} is in use: stop what listens there (python cleanup.py stops old endpoints) "
+        raise StepError(f"Port {port} is in use: stop what listens there (python cleanup.py stops old endpoints) "
                              "or set LOCAL_ENDPOINT_PORT.")
     folder = Path(config.LOCAL_ENDPOINT_DIR)
     folder.mkdir(parents=True, exist_ok=True)
@@ -387,17 +387,17 @@ def wait_until_ready(process, url, timeout_s=READY_TIMEOUT_S):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AzureStepError(f"The endpoint process exited with code {process.returncode} before it was ready.")
+            raise StepError(f"The endpoint process exited with code {process.returncode} before it was ready.")
         try:
             response = requests.get(ready_url, timeout=2)
             if response.status_code == 200:
                 return
             if response.status_code == 500:
-                raise AzureStepError(f"The endpoint could not load the model: {response.text[:300]}")
+                raise StepError(f"The endpoint could not load the model: {response.text[:300]}")
         except requests.ConnectionError:
             pass
         time.sleep(0.25)
-    raise AzureStepError(f"The endpoint was not ready after {timeout_s} s.")
+    raise StepError(f"The endpoint was not ready after {timeout_s} s.")
 
 
 def smoke_test_local(url, key):
@@ -406,7 +406,7 @@ def smoke_test_local(url, key):
 
     response = requests.post(url, json=SMOKE_REQUEST, headers={"Authorization": f"Bearer {key}"}, timeout=60)
     if response.status_code != 200:
-        raise AzureStepError(f"The smoke request got HTTP {response.status_code}: {response.text[:300]}")
+        raise StepError(f"The smoke request got HTTP {response.status_code}: {response.text[:300]}")
     return check_smoke_answer(response.json())
 
 
@@ -414,7 +414,7 @@ def deploy_local(job, foreground=False):
     """Register locally, start the new slot beside the live one, smoke-test, switch .env, stop the old slot."""
     model_dir = config.PROJECT_DIR / job.get("model_output", Path(config.JOBS_DIR) / job["name"] / "model_output")
     if not (Path(model_dir) / "MLmodel").is_file():
-        raise AzureStepError(f"No MLflow model in {config.shown(model_dir)}: run `python setup_ml.py` first.")
+        raise StepError(f"No MLflow model in {config.shown(model_dir)}: run `python setup_ml.py` first.")
     version, served_dir = register_local_model(config.AZURE_MODEL_NAME, model_dir, job["name"])
     live = read_endpoint_state()
     if live and not process_alive(live.get("pid")):
@@ -430,7 +430,7 @@ def deploy_local(job, foreground=False):
     except KeyboardInterrupt:
         stop_process(process.pid)
         raise
-    except (AzureStepError, OSError) as error:
+    except (StepError, OSError) as error:
         stop_process(process.pid)
         # Forget its pid: cleanup.py must never signal whatever process gets that pid next.
         (Path(config.LOCAL_ENDPOINT_DIR) / f"{slot}.pid").unlink(missing_ok=True)
@@ -481,7 +481,7 @@ def main(argv=None):
             job_name = args.job_name or (record or {}).get("name") or "<job-name>"
             return dry_run_azure(job_name)
         return deploy_azure(find_job(args.job_name, "azure")["name"])
-    except (AzureStepError, config.MissingSettingsError) as error:
+    except (StepError, config.MissingSettingsError) as error:
         return exit_with(error)
 
 

@@ -259,7 +259,7 @@ def base_model_endpoint():
     from concurrent.futures import ProcessPoolExecutor
 
     from deploy_model import wait_until_ready
-    from ml_client import AzureStepError
+    from ml_client import StepError
 
     with tempfile.TemporaryDirectory(prefix="base-model-") as folder:
         model_dir = Path(folder) / "model"
@@ -279,7 +279,7 @@ def base_model_endpoint():
         try:
             try:
                 wait_until_ready(process, url)
-            except AzureStepError as error:
+            except StepError as error:
                 tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
                 raise SystemExit(f"error: the base model's endpoint did not start: {error}\n{tail}") from None
             print(f"Base model served at {url} ({time.perf_counter() - started:.1f} s to save and load)")

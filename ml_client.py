@@ -25,23 +25,23 @@ def get_ml_client():
     )
 
 
-class AzureStepError(RuntimeError):
-    """An Azure failure explained in one sentence; the step exits non-zero with it."""
+class StepError(RuntimeError):
+    """A step's failure (Azure or local) explained in one sentence; the step exits non-zero with it."""
 
 
 @contextlib.contextmanager
 def azure_errors():
-    """Translate sign-in and permission failures into AzureStepError with the next thing to do."""
+    """Translate sign-in and permission failures into StepError with the next thing to do."""
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
     from azure.identity import CredentialUnavailableError
 
     try:
         yield
     except CredentialUnavailableError:
-        raise AzureStepError("Not signed in to Azure: run `az login` (or `az login --use-device-code`) and try again.") from None
+        raise StepError("Not signed in to Azure: run `az login` (or `az login --use-device-code`) and try again.") from None
     except ClientAuthenticationError as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise AzureStepError(
+        raise StepError(
             f"Azure refused the sign-in or the permission ({message}). Run `az login`, check that "
             f"AZURE_SUBSCRIPTION_ID is the subscription of {config.AZURE_ML_WORKSPACE_NAME}, and that you have access."
         ) from None
@@ -49,7 +49,7 @@ def azure_errors():
         if error.status_code != 403:
             raise
         message = str(error).splitlines()[0] if str(error) else "403 Forbidden"
-        raise AzureStepError(
+        raise StepError(
             f"Azure refused the permission ({message}). Ask for a role on workspace {config.AZURE_ML_WORKSPACE_NAME} "
             "(Contributor or AzureML Data Scientist), or `az login` with an account that has one."
         ) from None

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import config
-from ml_client import AzureStepError, azure_errors, exit_with, get_ml_client
+from ml_client import StepError, azure_errors, exit_with, get_ml_client
 from safe_write import atomic_write_text
 
 FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"
@@ -63,7 +63,7 @@ def check_data_files():
     """Stop early, with the command to run, when step 1 has not been run."""
     missing = [config.shown(p) for p in (config.TRAIN_DATA_PATH, config.TEST_DATA_PATH) if not Path(p).is_file()]
     if missing:
-        raise AzureStepError(f"{', '.join(missing)} not found: run `python download_dataset.py` first.")
+        raise StepError(f"{', '.join(missing)} not found: run `python download_dataset.py` first.")
 
 
 # --- Azure ML: environment, compute, job ------------------------------------------------------------
@@ -164,13 +164,13 @@ def validate_entities(environment, compute, job):
             try:
                 loader(path)  # raises ValidationError on unknown fields or wrong types
             except ValidationError as error:
-                raise AzureStepError(f"The {name} does not validate: {error.messages}") from None
+                raise StepError(f"The {name} does not validate: {error.messages}") from None
     # The component check catches ${{inputs.x}} that names no input. Its naming rule (no hyphens) is for
     # registered components only, not for job names, so that one message is left out.
     result = job.component._validate()
     problems = {path: message for path, message in result.error_messages.items() if path != "name"}
     if problems:
-        raise AzureStepError(f"The job does not validate: {problems}")
+        raise StepError(f"The job does not validate: {problems}")
 
 
 def dry_run(job_name):
@@ -290,7 +290,7 @@ def run_local_job(job_name):
     check_data_files()
     job_dir = Path(config.JOBS_DIR) / job_name
     if job_dir.exists():
-        raise AzureStepError(f"{config.shown(job_dir)} already exists: choose another JOB_NAME (jobs are never overwritten).")
+        raise StepError(f"{config.shown(job_dir)} already exists: choose another JOB_NAME (jobs are never overwritten).")
     job_dir.mkdir(parents=True)
     command = local_job_command(job_dir)
     env = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # progress bars are noise in a streamed job log
@@ -334,7 +334,7 @@ def main(argv=None):
         config.require(*config.AZURE_WORKSPACE_SETTINGS)
         check_data_files()
         return dry_run(job_name) if args.dry_run else run_azure_job(job_name)
-    except (AzureStepError, config.MissingSettingsError) as error:
+    except (StepError, config.MissingSettingsError) as error:
         return exit_with(error)
 
 
