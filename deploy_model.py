@@ -296,10 +296,14 @@ def register_local_model(model_name, model_dir, job_name):
     import mlflow
 
     mlflow.set_tracking_uri(config.MLFLOW_TRACKING_URI)
-    version = mlflow.register_model(str(model_dir), model_name, tags={"job_name": job_name})
-    print(f"Registered model {model_name}, version {version.version} (local MLflow registry)")
-    served = mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version.version}")
-    return version.version, Path(served)
+    try:
+        version = mlflow.register_model(str(model_dir), model_name, tags={"job_name": job_name})
+    except Exception as error:  # noqa: BLE001 - MLflow and its database raise many types; all mean the same here
+        raise StepError(f"Could not register the model in the local MLflow registry ({config.MLFLOW_TRACKING_URI}): "
+                        f"{type(error).__name__}: {error}") from error
+    # The version's source is the job's folder itself: the endpoint serves exactly what was registered.
+    print(f"Registered model {model_name}, version {version.version} (local MLflow registry, source {config.shown(model_dir)})")
+    return version.version
 
 
 def endpoint_state_file():
@@ -400,6 +404,12 @@ def wait_until_ready(process, url, timeout_s=READY_TIMEOUT_S):
     raise StepError(f"The endpoint was not ready after {timeout_s} s.")
 
 
+def abandon_endpoint(process, slot):
+    """Stop a new slot that will not get the traffic, and forget its pid (cleanup.py must never signal a reused pid)."""
+    stop_process(process.pid)
+    (Path(config.LOCAL_ENDPOINT_DIR) / f"{slot}.pid").unlink(missing_ok=True)
+
+
 def smoke_test_local(url, key):
     """Ask the new endpoint the smoke question, the way the tutorial's client does; return the answer."""
     import requests
@@ -411,29 +421,32 @@ def smoke_test_local(url, key):
 
 
 def deploy_local(job, foreground=False):
-    """Register locally, start the new slot beside the live one, smoke-test, switch .env, stop the old slot."""
+    """Start the new slot beside the live one while registering, smoke-test, switch .env, stop the old slot."""
     model_dir = config.PROJECT_DIR / job.get("model_output", Path(config.JOBS_DIR) / job["name"] / "model_output")
     if not (Path(model_dir) / "MLmodel").is_file():
         raise StepError(f"No MLflow model in {config.shown(model_dir)}: run `python setup_ml.py` first.")
-    version, served_dir = register_local_model(config.AZURE_MODEL_NAME, model_dir, job["name"])
     live = read_endpoint_state()
     if live and not process_alive(live.get("pid")):
         live = None  # stale record: that endpoint is gone
     slot = other_slot(live["slot"]) if live else SLOTS[0]
     key = secrets.token_urlsafe(32)
-    process, url, log_path = start_local_endpoint(served_dir, slot, key, foreground)
+    # The new slot starts first: its server spends seconds importing torch while the model is registered.
+    process, url, log_path = start_local_endpoint(model_dir, slot, key, foreground)
     print(f"Starting local endpoint '{slot}' (pid {process.pid}) on {url} ...")
     started = time.monotonic()
+    try:
+        version = register_local_model(config.AZURE_MODEL_NAME, model_dir, job["name"])
+    except BaseException:  # no registered version, no deployment: the new slot goes, the live one keeps serving
+        abandon_endpoint(process, slot)
+        raise
     try:
         wait_until_ready(process, url)
         answer = smoke_test_local(url, key)
     except KeyboardInterrupt:
-        stop_process(process.pid)
+        abandon_endpoint(process, slot)
         raise
     except (StepError, OSError) as error:
-        stop_process(process.pid)
-        # Forget its pid: cleanup.py must never signal whatever process gets that pid next.
-        (Path(config.LOCAL_ENDPOINT_DIR) / f"{slot}.pid").unlink(missing_ok=True)
+        abandon_endpoint(process, slot)
         print(f"The new endpoint failed: {error}", file=sys.stderr)
         print_tail(log_path.read_text(encoding="utf-8", errors="replace").splitlines(), config.shown(log_path))
         if live:

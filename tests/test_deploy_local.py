@@ -217,6 +217,24 @@ def test_a_model_that_fails_to_load_leaves_the_previous_endpoint_serving(demo_ru
     assert "Bill Gates" in tutorial_client(url, key, do_sample=False)
 
 
+def test_a_failed_registration_stops_the_new_slot_and_the_old_one_keeps_serving(demo_run):
+    before = endpoint_state()
+    env_before = Path(config.ENV_FILE).read_bytes()
+    url, key = env_values()
+    failed_slot = next(slot for slot in SLOTS if slot != before["slot"])
+
+    result = run_script("deploy_model.py", env={"MLFLOW_TRACKING_URI": "nosuchscheme://registry"}, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "Could not register the model in the local MLflow registry (nosuchscheme://registry)" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    started_pid = int(result.stdout.split(f"Starting local endpoint '{failed_slot}' (pid ", 1)[1].split(")", 1)[0])
+    assert gone(started_pid)  # the new slot was stopped, not left running
+    assert not (Path(config.LOCAL_ENDPOINT_DIR) / f"{failed_slot}.pid").exists()
+    assert Path(config.ENV_FILE).read_bytes() == env_before
+    assert endpoint_state() == before
+    assert "Bill Gates" in tutorial_client(url, key, do_sample=False)
+
+
 # --- cleanup.py, then deploy again: later test modules need the endpoint -------------------------------
 def test_cleanup_stops_the_endpoint_and_is_harmless_twice(demo_run):
     live = endpoint_state()

@@ -98,7 +98,7 @@ def test_job_folder_keeps_log_and_checkpoints_apart_from_the_model(trained_model
 
 # --- several processes, resume ----------------------------------------------------------------------
 def test_torchrun_two_processes_writes_exactly_one_model(tmp_path):
-    result = fine_tune(tmp_path, "--max-steps", "4", "--save-steps", "100",
+    result = fine_tune(tmp_path, "--max-steps", "4", "--save-steps", "100", "--fast-exit",  # ignored under torchrun
                        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Fine-tuning summary") == 1  # rank 0 alone reports
