@@ -20,15 +20,18 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo test chat eval bench clean
+.PHONY: venv pf-config demo test chat eval bench clean
 
-venv: $(STAMP)
+venv: $(STAMP) pf-config
 
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
-	mkdir -p "$(PF_HOME_DIRECTORY)" && test -f "$(PF_HOME_DIRECTORY)/pf.yaml" || printf "telemetry:\n  enabled: 'false'\ntrace:\n  destination: none\n" > "$(PF_HOME_DIRECTORY)/pf.yaml"
 	touch $(STAMP)
+
+# Checked on every target (not only at install), so a removed .pf/ never turns telemetry back on.
+pf-config:
+	@mkdir -p "$(PF_HOME_DIRECTORY)" && test -f "$(PF_HOME_DIRECTORY)/pf.yaml" || printf "telemetry:\n  enabled: 'false'\ntrace:\n  destination: none\n" > "$(PF_HOME_DIRECTORY)/pf.yaml"
 
 demo: venv
 	$(PY) download_dataset.py

@@ -1,6 +1,6 @@
 """Build the local base model: a tiny Phi-3 (random weights, ~1M parameters) that stands in for Phi-3.5-mini.
 
-    python tiny_phi3.py            # writes models/tiny-phi3/ (about 2 s); --force rebuilds it
+    python tiny_phi3.py            # writes models/tiny-phi3/ (a few seconds, mostly importing torch); --force rebuilds it
 
 The local steps call `ensure_tiny_phi3()` themselves, so you rarely run this by hand. The model is a real
 `transformers.Phi3ForCausalLM` with Phi-3's special tokens and chat template, and is loaded back with
