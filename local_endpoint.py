@@ -12,10 +12,12 @@ Azure deployment runs, and speaks the managed endpoint's contract:
     GET  /ready   200 once the model has loaded, 503 while it loads (500 if it failed to load)
 
 Like the managed endpoint it scores at most --max-concurrent requests at a time and turns the rest away
-with 429 and Retry-After after a short wait. Errors are JSON, {"error": "<what to change>"}: 400 bad
-request, 401 missing or wrong key, 404/405 wrong path or method, 413 body too large, 429 busy, 500 the
-model failed, 503 still loading, 504 scoring took longer than --request-timeout-ms. (Azure answers every
-error raised by score.py with 500 and a generic message; here a bad request gets 400 and its reason.)
+with 429 and Retry-After after a short wait. An answer carries `Server-Timing: score;dur=<ms>`, the time
+score.py took, so a client can tell the model's time from the rest. Errors are JSON,
+{"error": "<what to change>"}: 400 bad request, 401 missing or wrong key, 404/405 wrong path or method,
+413 body too large, 429 busy, 500 the model failed, 503 still loading, 504 scoring took longer than
+--request-timeout-ms. (Azure answers every error raised by score.py with 500 and a generic message; here a
+bad request gets 400 and its reason.)
 
 The key is read from the environment, never from the command line (where `ps` would show it), and never
 logged. One line per request goes to stderr: method, path, status, milliseconds. Ctrl+C or SIGTERM stops it.
@@ -60,6 +62,13 @@ def load_scoring_script(path=SCORING_SCRIPT):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def timed(function, *args):
+    """(function(*args), seconds it took)."""
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
 
 
 class RequestLog:
@@ -158,7 +167,9 @@ class Endpoint:
             raise HTTPException(504, f"scoring took longer than {self.request_timeout_s * 1000:.0f} ms "
                                      "(REQUEST_TIMEOUT_MS); ask for fewer max_new_tokens or fewer inputs")
         try:
-            return JSONResponse(work.result())
+            answer, seconds = work.result()
+            # The W3C Server-Timing header: the client sees how much of its wait was the model itself.
+            return JSONResponse(answer, headers={"Server-Timing": f"score;dur={seconds * 1000:.2f}"})
         except self.scorer.BadRequest as error:
             raise HTTPException(400, str(error)) from None
         except Exception as error:  # noqa: BLE001 - a failed answer is a 500; the server keeps serving
@@ -201,13 +212,13 @@ class Endpoint:
         return False
 
     async def score_in_thread(self, data, stop):
-        """Call the scoring script in a worker thread; the slot is freed only when it returns."""
+        """Call the scoring script in a worker thread; returns (answer, seconds it took); frees the slot after."""
         try:
             # score.py's run_stoppable() is run() plus an event that stops a timed-out generation (Azure
             # allows run() no second parameter); a scoring script without it is called through run().
             if hasattr(self.scorer, "run_stoppable"):
-                return await run_in_threadpool(self.scorer.run_stoppable, data, stop)
-            return await run_in_threadpool(self.scorer.run, data)
+                return await run_in_threadpool(timed, self.scorer.run_stoppable, data, stop)
+            return await run_in_threadpool(timed, self.scorer.run, data)
         finally:
             self.slots.release()
 

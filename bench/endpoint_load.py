@@ -6,10 +6,14 @@
 Starts local_endpoint.py (the server deploy_model.py starts) as a subprocess on a free loopback port with a key of
 its own, waits for /ready and sends --warmup-requests untimed. Then:
 
-1. The server's overhead: alternating rounds of score.run() in this process (scoring_dir/score.py loaded with
-   local_endpoint.load_scoring_script, init() on the same model, called from a worker thread as the server's
-   thread pool calls it) and of the same requests over HTTP from one client; prints both p50s, the difference
-   in ms and the ratio.
+1. The server's overhead: --overhead-pairs pairs of calls on the same input, one to score.run() in this process
+   (scoring_dir/score.py loaded with local_endpoint.load_scoring_script, init() on the same model, called from a
+   worker thread as the server's thread pool calls it) and one over HTTP from one client, the order alternating
+   so that a drifting machine hits both alike; prints both p50s, their difference and ratio, and the median of
+   the paired differences. For answers also HTTP latency minus the time score.run() took inside the server for
+   that same request (its Server-Timing header): what the server, the socket and the client add, free of the
+   model's own variation. Once more for a request score.py rejects before the model runs (an unknown param:
+   400), whose round trip is the server's own path alone.
 2. The load: for each concurrency (1, 3, 8, 32) --requests requests, then --long-requests at the highest, with
    the tutorial's request shape but --max-new-tokens 16 and greedy decoding (the model's time is short, so the
    server's share shows). Prints per run: latency p50/p95/p99 of the answered (200) requests, answered/s,
@@ -42,6 +46,8 @@ sys.path.insert(0, str(PROJECT_DIR))
 import config  # noqa: E402 - settings only: the project folder must be on the path first
 
 HOST = "127.0.0.1"  # loopback only
+# A request score.py rejects before the model runs: its HTTP round trip is the server's own path, and nothing else.
+REJECTED_BODY = json.dumps({"input_data": ["Who founded Microsoft?"], "params": {"not_a_param": 1}})
 READY_TIMEOUT_S = 120
 STOP_GRACE_S = 15
 
@@ -57,8 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--long-requests", type=int, default=1000, help="one more run at the highest concurrency (0: none)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--warmup-requests", type=int, default=10, help="untimed requests before the first run")
-    parser.add_argument("--overhead-rounds", type=int, default=4, help="alternating rounds of in-process and HTTP calls")
-    parser.add_argument("--overhead-calls", type=int, default=50, help="calls per round, each way")
+    parser.add_argument("--overhead-pairs", type=int, default=400,
+                        help="pairs of calls (in-process, HTTP) for the overhead, answered and rejected each")
     parser.add_argument("--request-timeout-s", type=float, default=60.0, help="client timeout; a timed-out request is lost")
     parser.add_argument("--run-time-limit-s", type=float, default=300.0, help="no new request after this long in one run")
     parser.add_argument("--threads", type=int, default=None,
@@ -155,6 +161,7 @@ class Client:
         self.port, self.timeout_s = port, timeout_s
         self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         self.connection = None
+        self.last_score_s = None  # score.py's own time for the last answer (the Server-Timing header)
 
     def post(self, body):
         """POST /score; returns (status or None when no response came, seconds)."""
@@ -165,6 +172,8 @@ class Client:
             self.connection.request("POST", "/score", body=body.encode("utf-8"), headers=self.headers)
             response = self.connection.getresponse()
             response.read()
+            timing = response.getheader("Server-Timing", "")
+            self.last_score_s = float(timing.partition(";dur=")[2]) / 1000 if ";dur=" in timing else None
             if response.getheader("Connection", "").lower() == "close":
                 self.close()
             return response.status, time.perf_counter() - started
@@ -250,36 +259,67 @@ def load_scorer_in_process(model_dir, max_new_tokens_limit, threads=None):
     return scorer, time.perf_counter() - started
 
 
-def in_process_latencies(scorer, bodies, count):
-    """`count` score.run() calls on the bodies, from a worker thread as the server's thread pool calls it."""
-    latencies = []
+def timed_call(function, body):
+    """Seconds one in-process call takes; a rejected request (score.py's BadRequest) counts as an answer."""
+    started = time.perf_counter()
+    try:
+        function(body)
+    except Exception as error:  # noqa: BLE001 - only the scoring script's own rejection is expected here
+        if type(error).__name__ != "BadRequest":
+            raise
+    return time.perf_counter() - started
 
-    def calls():
-        for index in range(count):
-            started = time.perf_counter()
-            scorer.run(bodies[index % len(bodies)])
-            latencies.append(time.perf_counter() - started)
+
+def paired_latencies(scorer, client, bodies, pairs, expected_status):
+    """`pairs` pairs of calls on the same input: score.run() in-process and over HTTP, the order alternating.
+
+    Returns the in-process and HTTP latencies, their paired differences, HTTP latency minus the server's own
+    score.run() time for the same request (from Server-Timing; answers only) and the count of other statuses.
+    """
+    in_process, over_http, differences, around_score, unexpected = [], [], [], [], 0
+    for index in range(pairs):
+        body = bodies[index % len(bodies)]
+        if index % 2:
+            status, http_s = client.post(body)
+            local_s = timed_call(scorer.run, body)
+        else:
+            local_s = timed_call(scorer.run, body)
+            status, http_s = client.post(body)
+        if status != expected_status:
+            unexpected += 1
+            continue
+        in_process.append(local_s)
+        over_http.append(http_s)
+        differences.append(http_s - local_s)
+        if client.last_score_s is not None:
+            around_score.append(http_s - client.last_score_s)
+    return in_process, over_http, differences, around_score, unexpected
+
+
+def measure_overhead(scorer, port, key, bodies, pairs, timeout_s):
+    """The server's added latency: paired calls, answered requests and requests score.py rejects at once."""
+    client = Client(port, key, timeout_s)
+    results = {}
+
+    def calls():  # one worker thread, as the server's thread pool calls score.run()
+        paired_latencies(scorer, client, bodies, len(bodies), 200)  # warm-up
+        results["answered"] = paired_latencies(scorer, client, bodies, pairs, 200)
+        results["rejected"] = paired_latencies(scorer, client, [REJECTED_BODY], pairs, 400)
 
     thread = threading.Thread(target=calls)
     thread.start()
     thread.join()
-    return latencies
-
-
-def measure_overhead(scorer, port, key, bodies, rounds, per_round, timeout_s):
-    """Alternate rounds of in-process score.run() and HTTP at 1 client (so drifting load hits both alike)."""
-    in_process, over_http, lost = [], [], 0
-    in_process_latencies(scorer, bodies, len(bodies))  # warm-up
-    for _ in range(rounds):
-        in_process += in_process_latencies(scorer, bodies, per_round)
-        results, _, _ = run_load(port, key, bodies, 1, per_round, timeout_s, 3600)
-        over_http += [seconds for status, seconds in results if status == 200]
-        lost += sum(1 for status, _ in results if status != 200)
-    in_p50, http_p50 = percentile(in_process, 50) * 1000, percentile(over_http, 50) * 1000
-    return {"rounds": rounds, "calls_each": len(in_process), "in_process_p50_ms": in_p50,
-            "in_process_p95_ms": percentile(in_process, 95) * 1000, "http_p50_ms": http_p50,
-            "http_p95_ms": percentile(over_http, 95) * 1000, "overhead_p50_ms": http_p50 - in_p50,
-            "ratio_http_to_in_process": http_p50 / in_p50, "http_not_200": lost}
+    client.close()
+    summary = {"pairs": pairs}
+    for name, (in_process, over_http, differences, around_score, unexpected) in results.items():
+        in_p50, http_p50 = percentile(in_process, 50) * 1000, percentile(over_http, 50) * 1000
+        summary[name] = {"in_process_p50_ms": in_p50, "in_process_p95_ms": percentile(in_process, 95) * 1000,
+                         "http_p50_ms": http_p50, "http_p95_ms": percentile(over_http, 95) * 1000,
+                         "overhead_p50_ms": http_p50 - in_p50, "paired_difference_p50_ms": percentile(differences, 50) * 1000,
+                         "ratio_http_to_in_process": http_p50 / in_p50, "unexpected_status": unexpected,
+                         "http_minus_server_score_p50_ms": _ms(percentile(around_score, 50)),
+                         "http_minus_server_score_p95_ms": _ms(percentile(around_score, 95))}
+    return summary
 
 
 # --- Output ----------------------------------------------------------------------------------------------------------
@@ -292,6 +332,23 @@ def print_runs(runs):
         print(f"{run['concurrency']:>7} {run['sent']:>5} {run['ok']:>5} {run['busy_429']:>5} {run['other']:>5} "
               f"{run['lost']:>5} {' '.join(cells)} {run['answered_per_s']:>7.1f} {run['responses_per_s']:>7.1f} "
               f"{run['wall_s']:>7.1f}" + (f"  ({run['not_sent']} not sent: time limit)" if run["not_sent"] else ""))
+
+
+def print_overhead(overhead):
+    """Both overhead measurements: answered requests, and requests the scoring script rejects at once."""
+    print(f"\nServer overhead ({overhead['pairs']} pairs of calls on the same input, in-process score.run() and HTTP "
+          "from one client, the order alternating, one worker thread):")
+    for name, label in (("answered", "answered (200)"), ("rejected", "rejected at once by score.py (400, no model)")):
+        figures = overhead[name]
+        print(f"  {label}:")
+        print(f"    in-process  p50 {figures['in_process_p50_ms']:.2f} ms, p95 {figures['in_process_p95_ms']:.2f} ms")
+        print(f"    HTTP        p50 {figures['http_p50_ms']:.2f} ms, p95 {figures['http_p95_ms']:.2f} ms")
+        print(f"    -> {figures['overhead_p50_ms']:+.2f} ms at p50 (HTTP / in-process = {figures['ratio_http_to_in_process']:.2f}); "
+              f"median of the paired differences {figures['paired_difference_p50_ms']:+.2f} ms"
+              + (f"; {figures['unexpected_status']} unexpected status(es)" if figures["unexpected_status"] else ""))
+        if figures["http_minus_server_score_p50_ms"] is not None:
+            print(f"    HTTP latency minus the server's own score.run() time for the same request (Server-Timing): "
+                  f"p50 {figures['http_minus_server_score_p50_ms']:.2f} ms, p95 {figures['http_minus_server_score_p95_ms']:.2f} ms")
 
 
 def main(argv=None):
@@ -316,8 +373,7 @@ def main(argv=None):
             print(f"local_endpoint.py (pid {process.pid}) ready on http://{HOST}:{port}/score in {ready_s:.1f} s "
                   f"(score.init() in this process: {load_s:.1f} s)")
             run_load(port, key, bodies, 1, args.warmup_requests, args.request_timeout_s, args.run_time_limit_s)
-            overhead = measure_overhead(scorer, port, key, bodies, args.overhead_rounds, args.overhead_calls,
-                                        args.request_timeout_s)
+            overhead = measure_overhead(scorer, port, key, bodies, args.overhead_pairs, args.request_timeout_s)
             plan = [(level, args.requests) for level in args.concurrency]
             if args.long_requests:
                 plan.append((max(args.concurrency), args.long_requests))
@@ -333,12 +389,7 @@ def main(argv=None):
         finally:
             stop_server(process)
     print_runs(runs)
-    print(f"\nServer overhead ({overhead['rounds']} alternating rounds, {overhead['calls_each']} calls each way, "
-          f"worker thread in both):")
-    print(f"  score.run() in-process  p50 {overhead['in_process_p50_ms']:.1f} ms, p95 {overhead['in_process_p95_ms']:.1f} ms")
-    print(f"  HTTP, 1 client          p50 {overhead['http_p50_ms']:.1f} ms, p95 {overhead['http_p95_ms']:.1f} ms")
-    print(f"  -> {overhead['overhead_p50_ms']:+.1f} ms per request at p50 (HTTP / in-process = "
-          f"{overhead['ratio_http_to_in_process']:.2f})")
+    print_overhead(overhead)
     lost = sum(run["lost"] for run in runs)
     busy_at_or_below_cap = sum(run["busy_429"] for run in runs if run["concurrency"] <= config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE)
     print(f"Lost requests (no HTTP response): {lost}; 429s at or below the cap of "

@@ -117,6 +117,15 @@ def test_the_tutorials_client_gets_an_answer(local_endpoint):
     assert isinstance(answer, str) and answer.startswith(question)
 
 
+def test_an_answer_says_how_long_the_model_took(local_endpoint):
+    started = time.perf_counter()
+    response = local_endpoint.post({"input_data": ["Who founded Microsoft?"], "params": {"max_new_tokens": 16}})
+    waited_ms = (time.perf_counter() - started) * 1000
+    assert response.status_code == 200, response.text
+    name, _, duration = response.headers["Server-Timing"].partition(";dur=")
+    assert name == "score" and 0 < float(duration) < waited_ms  # the model's share of what the client waited
+
+
 def test_multi_turn_conversations_and_questions(local_endpoint):
     chat = [
         {"role": "system", "content": "You answer briefly."},
