@@ -19,11 +19,11 @@ arguments fine_tune.py passes to it. The data are pre-tokenized `input_ids` rows
 packs with the strategy sft_config chose (every row is already full, so packing changes nothing).
 
 Profiles (each a fine_tune.py command line, printed in the table):
-    tutorial    the tutorial's defaults: eager attention, gradient checkpointing, batch 4, packing, bf16 on GPUs
+    tutorial    the tutorial's settings: eager attention, gradient checkpointing, batch 4, packing, bf16 on GPUs
     tuned       the same training (4 x --max-length tokens per optimizer step, same maths) made fast:
                 flash_attention_2 when flash-attn is installed (then padding-free best-fit packing), else sdpa;
                 no gradient checkpointing at the largest micro-batch that fits (4, 2x2 or 1x4 accumulation)
-    lora        the tutorial's defaults plus --lora-r 16 on all linear layers (what the README suggests for
+    lora        the tutorial's settings plus --lora-r 16 on all linear layers (what the README suggests for
                 GPUs under 80 GB)
     lora-tuned  the tuned settings plus --lora-r 16;  attention-only: the tutorial's with tuned's attention kernel
                 (checkpointing kept), to split tuned's gain into its two parts
