@@ -9,9 +9,9 @@ Runs, each as the user's own command in a subprocess with this interpreter (the 
     python download_dataset.py -> python setup_ml.py -> python deploy_model.py -> python integrate_with_promptflow.py
 
 (without that last script: `pf flow test --flow . --inputs input_data="Who founded Microsoft?"`), then
-`python cleanup.py`, timed but not part of the total. Every output goes to a fresh temporary folder (the
-settings tests/conftest.py uses: TRAIN_DATA_PATH, LOCAL_BASE_MODEL_DIR, JOBS_DIR, MLFLOW_TRACKING_URI, a free
-LOCAL_ENDPOINT_PORT, PF_HOME_DIRECTORY, ...), so nothing of yours is touched and every run starts as a first
+`python cleanup.py`, timed but not part of the total. Every output goes to a fresh temporary folder
+(isolated_env() below, which tests/conftest.py uses too: TRAIN_DATA_PATH, LOCAL_BASE_MODEL_DIR, JOBS_DIR,
+MLFLOW_TRACKING_URI, a free LOCAL_ENDPOINT_PORT pair, PF_HOME_DIRECTORY, ...), so nothing of yours is touched and every run starts as a first
 `make demo` after install does: no data, no base model, no MLflow database. Telemetry is off as in the Makefile,
 and `pf config set telemetry.enabled=false trace.destination=none` runs first (untimed: the Makefile does it
 once, when it creates the venv). The endpoint the pipeline starts is always stopped (cleanup.py, then the
@@ -103,7 +103,7 @@ def free_port():
 
 
 def isolated_env(work_dir):
-    """The environment of the steps: the user's minus project settings, outputs in work_dir, no telemetry."""
+    """The steps' environment (the tests' too): the user's minus project settings, outputs in work_dir, no telemetry."""
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("AZURE_", "LOCAL_", "DATASET_", "JOB_"))}
     env.update({

@@ -25,29 +25,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
-for name in [key for key in os.environ if key.startswith(("AZURE_", "LOCAL_", "DATASET_", "JOB_"))]:
-    del os.environ[name]  # the user's own settings must not change what the tests see
-os.environ.update({
-    "FINETUNE_PHI_ENV_FILE": str(WORK_DIR / ".env"),
-    "TARGET": "local",
-    "TRAIN_DATA_PATH": str(WORK_DIR / "data" / "train_data.jsonl"),
-    "TEST_DATA_PATH": str(WORK_DIR / "data" / "test_data.jsonl"),
-    "LOCAL_BASE_MODEL_DIR": str(WORK_DIR / "models" / "tiny-phi3"),
-    "JOBS_DIR": str(WORK_DIR / "outputs" / "jobs"),
-    "LAST_JOB_FILE": str(WORK_DIR / "outputs" / "last_job.json"),
-    "LOCAL_ENDPOINT_DIR": str(WORK_DIR / "outputs" / "endpoint"),
-    "MLFLOW_TRACKING_URI": f"sqlite:///{(WORK_DIR / 'mlflow.db').as_posix()}",
-    "LOCAL_ENDPOINT_PORT": str(free_port()),
-    "PF_HOME_DIRECTORY": str(WORK_DIR / ".pf"),
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "HF_HUB_OFFLINE": "1",  # a Hub download fails at once instead of retrying for half a minute
-    "DO_NOT_TRACK": "1",
-    "PYTHONUNBUFFERED": "1",
-})
+# The same throwaway-folder settings bench/pipeline.py runs the steps with: outputs under WORK_DIR, a free
+# port pair for the blue/green endpoint, telemetry off, and none of the user's own AZURE_/LOCAL_/... settings.
 sys.path.insert(0, str(PROJECT_DIR))
+from bench.pipeline import isolated_env  # noqa: E402 - the project folder must be on the path first
+
+settings = isolated_env(WORK_DIR)
+os.environ.clear()
+os.environ.update(settings)
+os.environ["HF_HUB_OFFLINE"] = "1"  # a Hub download fails at once instead of retrying for half a minute
 
 
 def pytest_sessionfinish(session, exitstatus):
