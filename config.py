@@ -6,25 +6,34 @@ Each value comes from the environment first, then from `.env` next to this file,
 default below. Copy `.env.example` to `.env` and fill in the Azure names (Scenario 1) before you
 run a step with `TARGET=azure`; the local target needs none of them.
 
-Importing this module reads settings and does nothing else: no network call, no file written.
+Importing this module reads settings and does nothing else: no network call, no file written, and
+os.environ left as it was (`.env` is read, never copied into the environment). `fresh()` reads a setting
+again, for a long-running process that must follow a file another step rewrites (the endpoint's URL and key).
 """
 
 import os
 from pathlib import Path
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values
 
 PROJECT_DIR = Path(__file__).resolve().parent
 # Tests and side-by-side setups point this elsewhere; deploy_model.py writes the endpoint's URL and key here.
 ENV_FILE = Path(os.environ.get("FINETUNE_PHI_ENV_FILE", PROJECT_DIR / ".env"))
-load_dotenv(ENV_FILE, override=False)  # the environment wins over .env
 
 PLACEHOLDER_PREFIX = "<"  # "<your-subscription-id>" and friends are placeholders, not values
 
 
+def _read_env_file():
+    """The KEY=value pairs of ENV_FILE ({} when there is none); a bare KEY line counts as unset."""
+    return {name: value for name, value in dotenv_values(ENV_FILE).items() if value is not None} if ENV_FILE.is_file() else {}
+
+
+_ENV_FILE_VALUES = _read_env_file()  # read once, at import
+
+
 def _str(name, default):
-    """A text setting."""
-    return os.environ.get(name, default).strip()
+    """A text setting: the environment wins over .env, which wins over the default."""
+    return os.environ.get(name, _ENV_FILE_VALUES.get(name, default)).strip()
 
 
 def _int(name, default):
@@ -169,12 +178,28 @@ def is_placeholder(value):
 
 def require(*names):
     """Stop with one message naming every missing or placeholder setting among `names`."""
-    missing = [name for name in names if is_placeholder(str(globals()[name]))]
+    _raise_if_missing({name: str(globals()[name]) for name in names})
+
+
+def fresh(*names, hint="copy .env.example to start"):
+    """The settings `names` as they are now: the environment, else .env read again; missing ones raise.
+
+    A chat served by `pf flow serve` runs for hours while deploy_model.py rewrites .env with a new URL and key.
+    """
+    from_file = _read_env_file()
+    values = {name: os.environ.get(name, from_file.get(name, "")).strip() for name in names}
+    _raise_if_missing(values, hint)
+    return tuple(values.values())
+
+
+def _raise_if_missing(values, hint="copy .env.example to start"):
+    """MissingSettingsError naming every empty or placeholder value of {name: value}."""
+    missing = [name for name, value in values.items() if is_placeholder(value)]
     if missing:
         listed = "\n".join(f"  - {name}" for name in missing)
         raise MissingSettingsError(
             f"These settings are missing or still placeholders:\n{listed}\n"
-            f"Set them in {ENV_FILE} (copy .env.example to start) or in the environment."
+            f"Set them in {shown(ENV_FILE)} ({hint}) or in the environment."
         )
 
 
