@@ -9,32 +9,11 @@ models, jobs and the local MLflow registry are never deleted.
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import config
-from deploy_model import SLOTS, endpoint_state_file, stop_process
-from ml_client import StepError, azure_errors, exit_with, get_ml_client
-
-
-def stop_local_endpoints():
-    """Stop every local endpoint slot that has a pid file (blue and green); returns what was stopped."""
-    stopped = []
-    state_path = endpoint_state_file()
-    live = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    for slot in SLOTS:
-        pid_file = Path(config.LOCAL_ENDPOINT_DIR) / f"{slot}.pid"
-        pids = {int(pid_file.read_text().strip())} if pid_file.is_file() else set()
-        if live.get("slot") == slot:
-            pids.add(live["pid"])
-        for pid in sorted(pids):
-            if stop_process(pid):
-                where = f", {live['url']}" if live.get("pid") == pid else ""
-                stopped.append(f"local endpoint '{slot}' (pid {pid}{where})")
-        pid_file.unlink(missing_ok=True)
-    state_path.unlink(missing_ok=True)
-    return stopped
+from azure_ml import azure_errors, get_ml_client
+from step_errors import StepError, exit_with
 
 
 def confirm(question, assume_yes):
@@ -96,6 +75,22 @@ def cleanup_azure(assume_yes, delete_compute):
     return 0
 
 
+def cleanup_local():
+    """Stop the local endpoint's slots (stand_ins/deployment.py); say what was stopped and what was noticed."""
+    from stand_ins.deployment import stop_local_endpoints
+
+    stopped, problems = stop_local_endpoints()
+    for line in stopped:
+        print(f"Stopped {line}.")
+    for problem in problems:  # a damaged pid or state file: said, removed, and the rest still cleaned up
+        print(f"warning: {problem}; if an endpoint still runs, stop it by hand "
+              "(its command line shows stand_ins.endpoint_server)", file=sys.stderr)
+    if not stopped:
+        print("No local endpoint is running.")
+    print("Nothing local costs money. Data, models, jobs and mlflow.db are kept (make clean removes them).")
+    return 0
+
+
 def main(argv=None):
     """Clean up for config.TARGET; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -105,13 +100,7 @@ def main(argv=None):
     try:
         if config.TARGET == "azure":
             return cleanup_azure(args.yes, args.compute)
-        stopped = stop_local_endpoints()
-        for line in stopped:
-            print(f"Stopped {line}.")
-        if not stopped:
-            print("No local endpoint is running.")
-        print("Nothing local costs money. Data, models, jobs and mlflow.db are kept (make clean removes them).")
-        return 0
+        return cleanup_local()
     except (StepError, config.MissingSettingsError) as error:
         return exit_with(error)
 

@@ -41,6 +41,10 @@ class InvalidRecordsError(ValueError):
         )
 
 
+class TooFewRecordsError(ValueError):
+    """Too few valid records are left for a train/test split."""
+
+
 def load_source_dataset(dataset_name, config_name, split):
     """Load one split from the Hub, or the bundled sample when `dataset_name` is a local .jsonl file."""
     from datasets import load_dataset
@@ -81,7 +85,7 @@ def load_and_split_dataset(dataset_name, config_name, split_ratio, split=None, s
     print(f"Original dataset size: {len(dataset)}")
     dataset = validate_records(dataset, skip_invalid)
     if len(dataset) < 2:
-        raise InvalidRecordsError([(0, f"only {len(dataset)} valid record(s); a train/test split needs 2 or more")])
+        raise TooFewRecordsError(f"only {len(dataset)} valid record(s); a train/test split needs 2 or more")
     return dataset.train_test_split(test_size=split_ratio, seed=seed)
 
 
@@ -118,7 +122,7 @@ def main(argv=None):
         for part, path in (("train", config.TRAIN_DATA_PATH), ("test", config.TEST_DATA_PATH)):
             status = save_dataset_to_jsonl(dataset[part], path, force=args.force)
             print(f"{config.shown(path)}: {status}")
-    except (DatasetUnavailableError, InvalidRecordsError, FileChangedError) as error:
+    except (DatasetUnavailableError, InvalidRecordsError, TooFewRecordsError, FileChangedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -24,13 +24,20 @@ import warnings
 from importlib.metadata import version
 from pathlib import Path
 
-from chat_data import ChatDataError, read_chat_jsonl
+if __package__:  # imported from the project (tests, benchmarks): one module name, finetuning_dir.chat_data
+    from .chat_data import ChatDataError, read_chat_jsonl
+else:  # run as a script, as in the job, whose code folder is this one
+    from chat_data import ChatDataError, read_chat_jsonl
 
 TUTORIAL_BASE_MODEL = "microsoft/Phi-3.5-mini-instruct"
 # Params a caller may send with each request; a signature with a params schema makes MLflow honour them.
 GENERATION_PARAMS = {"max_new_tokens": 128, "temperature": 0.7, "top_p": 1.0, "do_sample": False, "return_full_text": False}
 # What the saved model needs to load and serve; pinned to the versions that trained it.
 MODEL_REQUIREMENTS = ("torch", "transformers", "accelerate", "tokenizers", "safetensors", "mlflow")
+
+
+class UsageError(ValueError):
+    """An option that cannot be used as given (a checkpoint to resume, an output folder); checked before training."""
 
 
 def parse_args(argv=None):
@@ -169,14 +176,14 @@ def resolve_checkpoint(value, checkpoint_dir):
         return value
     checkpoints = sorted(Path(checkpoint_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     if not checkpoints:
-        raise ChatDataError(f"--resume-from-checkpoint latest: no checkpoint-* folder in {checkpoint_dir}")
+        raise UsageError(f"--resume-from-checkpoint latest: no checkpoint-* folder in {checkpoint_dir}")
     return str(checkpoints[-1])
 
 
 def check_output_dir(path):
     """Refuse, before any training, a model folder that already holds files (a model is never overwritten)."""
     if Path(path).is_dir() and any(Path(path).iterdir()):
-        raise ChatDataError(f"--model_output_dir {path} is not empty: choose a new folder (a model is never overwritten)")
+        raise UsageError(f"--model_output_dir {path} is not empty: choose a new folder (a model is never overwritten)")
 
 
 def count_tokens(dataset):
@@ -254,7 +261,7 @@ def main(argv=None):
         eval_dataset = load_chat_dataset(args.eval_file)
         resume = resolve_checkpoint(args.resume_from_checkpoint, args.checkpoint_dir)
         check_output_dir(args.model_output_dir)
-    except ChatDataError as error:
+    except (ChatDataError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -1,7 +1,7 @@
-"""The scoring script of the online deployment: Azure ML and local_endpoint.py both call init() and run().
+"""The scoring script of the online deployment: Azure ML and stand_ins/endpoint_server.py both call init() and run().
 
 Azure ML uploads this folder alone as the deployment's code, so this file imports nothing from the project
-and reads its limits from environment variables that the deployment (or local_endpoint.py) sets:
+and reads its limits from environment variables that the deployment (or stand_ins/endpoint_server.py) sets:
 
     MAX_NEW_TOKENS_LIMIT   the largest max_new_tokens a request may ask for (default 512)
 
@@ -14,7 +14,7 @@ A request and its answer (one answer string per input):
 each a list of {"role": "system"|"user"|"assistant", "content": "..."} ending with a user turn. Every input
 is formatted with the model's own chat template, so the model answers rather than continues the question.
 
-A malformed request raises BadRequest, which local_endpoint.py answers with 400 and the message. On Azure
+A malformed request raises BadRequest, which stand_ins/endpoint_server.py answers with 400 and the message. On Azure
 the inference server answers every exception from run() with 500 and a generic body ("An unexpected error
 occurred in scoring script. Check the logs for more info."); the message itself is in the deployment log:
 `az ml online-deployment get-logs --name <deployment> --endpoint-name <endpoint>`.
@@ -44,7 +44,7 @@ _model = None
 _tokenizer = None
 _max_new_tokens_limit = DEFAULT_MAX_NEW_TOKENS_LIMIT
 # One generation at a time: the tokenizer is not thread-safe, and on a CPU parallel generations only
-# compete for the same cores. local_endpoint.py caps how many requests wait here.
+# compete for the same cores. stand_ins/endpoint_server.py caps how many requests wait here.
 _lock = threading.Lock()
 
 
@@ -52,15 +52,16 @@ class BadRequest(ValueError):
     """The request is malformed: the caller must change it (HTTP 400)."""
 
 
-def find_mlflow_model(root):
-    """The folder holding `MLmodel`: root itself, or one or two levels below it (e.g. root/model_output)."""
+def find_model_folder(root):
+    """The model to load: an MLflow model (an MLmodel file; weights in model/) at root or one or two levels
+    below it (e.g. root/model_output), or a plain transformers folder (config.json) at root."""
     root = Path(root)
-    if (root / "MLmodel").is_file():
+    if (root / "MLmodel").is_file() or (root / "config.json").is_file():
         return root
     found = sorted({path.parent for pattern in ("*/MLmodel", "*/*/MLmodel") for path in root.glob(pattern)})
     if len(found) != 1:
         what = "no MLmodel file" if not found else f"{len(found)} MLmodel files ({', '.join(map(str, found))})"
-        raise FileNotFoundError(f"{what} in {root} or below it; "
+        raise FileNotFoundError(f"{what} in {root} or below it, and no config.json of a transformers model in it; "
                                 "point at the folder fine_tune.py wrote (--model_output_dir)")
     return found[0]
 
@@ -70,6 +71,7 @@ def init(model_dir=None):
 
     Azure ML mounts the registered model at AZUREML_MODEL_DIR (/var/azureml-app/azureml-models/<name>/<version>);
     the MLflow model is that folder or a folder inside it (model_output, for a model registered from a job).
+    Locally, a plain transformers folder serves too (evaluate_flow.py --compare-base serves the base model so).
     """
     global _model, _tokenizer, _max_new_tokens_limit
     started = time.perf_counter()
@@ -77,15 +79,16 @@ def init(model_dir=None):
     if not model_dir:
         raise RuntimeError("no model folder: set AZUREML_MODEL_DIR or call init(model_dir)")
     _max_new_tokens_limit = _env_int("MAX_NEW_TOKENS_LIMIT", DEFAULT_MAX_NEW_TOKENS_LIMIT)
-    mlflow_dir = find_mlflow_model(model_dir)
+    folder = find_model_folder(model_dir)
     # The MLflow transformers flavour keeps plain transformers files: weights in model/, tokenizer apart.
-    if not (mlflow_dir / "model" / "config.json").is_file():
-        raise FileNotFoundError(f"no model/config.json in {mlflow_dir}: is it an MLflow model from fine_tune.py?")
-    model = _load_model(mlflow_dir / "model")
-    tokenizer = _load_tokenizer(mlflow_dir, model)
+    weights = folder / "model" if (folder / "MLmodel").is_file() else folder
+    if not (weights / "config.json").is_file():
+        raise FileNotFoundError(f"no model/config.json in {folder}: is it an MLflow model from fine_tune.py?")
+    model = _load_model(weights)
+    tokenizer = _load_tokenizer(folder / "components" / "tokenizer", weights, model)
     _stop_at_end_of_turn(model, tokenizer)
     _model, _tokenizer = model, tokenizer
-    logger.info("Loaded %s on %s in %.1f s", mlflow_dir, model.device, time.perf_counter() - started)
+    logger.info("Loaded %s on %s in %.1f s", folder, model.device, time.perf_counter() - started)
 
 
 def _load_model(folder):
@@ -97,12 +100,11 @@ def _load_model(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
 
 
-def _load_tokenizer(mlflow_dir, model):
-    """The tokenizer, set up for batched generation."""
+def _load_tokenizer(folder, weights, model):
+    """The tokenizer (from `folder` when there is one, else beside the weights), set up for batched generation."""
     from transformers import AutoTokenizer
 
-    folder = mlflow_dir / "components" / "tokenizer"
-    tokenizer = AutoTokenizer.from_pretrained(folder if folder.is_dir() else mlflow_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder if folder.is_dir() else weights)
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -124,7 +126,7 @@ def run(raw_data):
     """Answer one request (called once per POST /score): a JSON string in, a list of answer strings out.
 
     Azure's inference server inspects this signature: run() must take exactly one parameter (or two, the
-    second named request_headers), so the stop event of local_endpoint.py goes to run_stoppable() instead.
+    second named request_headers), so the stop event of stand_ins/endpoint_server.py goes to run_stoppable() instead.
     """
     return run_stoppable(raw_data)
 
@@ -132,7 +134,7 @@ def run(raw_data):
 def run_stoppable(raw_data, stop_event=None):
     """run(), and once `stop_event` (a threading.Event) is set, generation stops at the next token.
 
-    local_endpoint.py sets it when a request times out, so the model is free for the next request.
+    stand_ins/endpoint_server.py sets it when a request times out, so the model is free for the next request.
     """
     if _model is None:
         raise RuntimeError("the model is not loaded: call init() first")

@@ -1,8 +1,9 @@
-"""Build the local base model: a tiny Phi-3 (random weights, ~1M parameters) that stands in for Phi-3.5-mini.
+"""The local base model: a tiny Phi-3 (random weights, ~1M parameters) that stands in for Phi-3.5-mini.
 
-    python tiny_phi3.py            # writes models/tiny-phi3/ (a few seconds, mostly importing torch); --force rebuilds it
+    python -m stand_ins.tiny_model     # writes models/tiny-phi3/ (a few seconds, mostly importing torch); --force rebuilds it
 
-The local steps call `ensure_tiny_phi3()` themselves, so you rarely run this by hand. The model is a real
+The local job calls `ensure_tiny_phi3()` itself, so you rarely run this by hand. A folder at
+LOCAL_BASE_MODEL_DIR that this module did not build (a model of your own) is never replaced. The model is a real
 `transformers.Phi3ForCausalLM` with Phi-3's special tokens and chat template, and is loaded back with
 `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`, exactly as
 `microsoft/Phi-3.5-mini-instruct` is in the Azure job. The tokenizer is a byte-level BPE trained on the
@@ -116,6 +117,12 @@ def source_digest(sample_path):
     return {"build_version": BUILD_VERSION, "sample_sha256": digest}
 
 
+def holds_other_model(folder):
+    """True when `folder` has files but no build stamp: a model of your own, never to be replaced."""
+    folder = Path(folder)
+    return folder.is_dir() and any(folder.iterdir()) and not (folder / STAMP_FILE).is_file()
+
+
 def is_current(output_dir, sample_path):
     """True when `output_dir` holds a finished build from the same recipe and sample."""
     stamp = Path(output_dir) / STAMP_FILE
@@ -146,6 +153,9 @@ def ensure_tiny_phi3(output_dir=None, sample_path=None, force=False):
     """Return the local base model's folder, building it first when missing or out of date."""
     output_dir = Path(output_dir or config.LOCAL_BASE_MODEL_DIR)
     sample_path = Path(sample_path or config.SAMPLE_DATASET_PATH)
+    if holds_other_model(output_dir):
+        raise FileExistsError(f"{config.shown(output_dir)} holds files this module did not build: "
+                              "not replacing them (set LOCAL_BASE_MODEL_DIR to another folder)")
     if force or not is_current(output_dir, sample_path):
         started = time.perf_counter()
         parameters = build_tiny_phi3(output_dir, sample_path)

@@ -1,9 +1,9 @@
-"""Serve the fine-tuned model on this machine, behaving like the Azure ML managed online endpoint.
+"""The local endpoint's server: the fine-tuned model on this machine, behaving like an Azure ML managed online endpoint.
 
     export LOCAL_ENDPOINT_KEY=$(python -c "import secrets; print(secrets.token_urlsafe(32))")
-    python local_endpoint.py --model-dir outputs/jobs/<job>/model_output --port 5001
+    python -m stand_ins.endpoint_server --model-dir outputs/jobs/<job>/model_output --port 5001
 
-deploy_model.py starts it for you (TARGET=local). It answers with scoring_dir/score.py, the very file the
+deploy_model.py starts it for you (TARGET=local), through stand_ins/endpoint_process.py. It answers with scoring_dir/score.py, the very file the
 Azure deployment runs, and speaks the managed endpoint's contract:
 
     POST /score   {"input_data": ["Who founded Microsoft?"], "params": {...}} -> ["answer"]
@@ -45,15 +45,15 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 import config
+from stand_ins.endpoint_process import KEY_VARIABLE
 
-SCORING_SCRIPT = Path(__file__).resolve().parent / "scoring_dir" / "score.py"
-KEY_VARIABLE = "LOCAL_ENDPOINT_KEY"
+SCORING_SCRIPT = config.PROJECT_DIR / "scoring_dir" / "score.py"
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 LOADING_RETRY_AFTER_S = 5  # what a 503 tells the client to wait while the model loads
 SHUTDOWN_GRACE_S = 10  # on SIGTERM, in-flight answers get this long to finish, then they are stopped
 ROUTES_HELP = "POST /score, GET / (liveness), GET /live, GET /ready"
 
-logger = logging.getLogger("local_endpoint")
+logger = logging.getLogger("endpoint_server")
 
 
 def load_scoring_script(path=SCORING_SCRIPT):
@@ -272,7 +272,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model-dir", required=True, type=Path,
                         help="the MLflow model fine_tune.py wrote (or a folder holding it), "
-                             "e.g. outputs/jobs/<job>/model_output")
+                             "e.g. outputs/jobs/<job>/model_output, or a plain transformers folder")
     parser.add_argument("--host", default=config.LOCAL_ENDPOINT_HOST, help="0.0.0.0 exposes it to your network")
     parser.add_argument("--port", type=int, default=config.LOCAL_ENDPOINT_PORT)
     parser.add_argument("--max-concurrent", type=int, default=config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE,
@@ -309,7 +309,7 @@ def main(argv=None):
                      args.request_timeout_ms / 1000, args.max_request_bytes)
     endpoint = app.state.endpoint
     try:
-        endpoint.scorer.find_mlflow_model(args.model_dir)  # fail now, not after the server has started
+        endpoint.scorer.find_model_folder(args.model_dir)  # fail now, not after the server has started
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,57 @@
+"""outputs/last_job.json: the fine-tuning job step 2 ran, so step 3 finds it without a copy from the studio.
+
+setup_ml.py writes it (local and Azure jobs alike); deploy_model.py and the benchmarks read it.
+"""
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import config
+from safe_write import atomic_write_text
+from step_errors import StepError
+
+
+def record_job(name, target, status, **details):
+    """Write outputs/last_job.json (atomically) and return the record."""
+    record = {"name": name, "target": target, "status": status, "recorded": datetime.now(timezone.utc).isoformat(),
+              **details}
+    atomic_write_text(config.LAST_JOB_FILE, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def read_last_job():
+    """The job setup_ml.py last ran, or None; a damaged file is a StepError, not a traceback."""
+    path = Path(config.LAST_JOB_FILE)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise StepError(f"{config.shown(path)} is damaged ({error}): run `python setup_ml.py` again, "
+                        "or pass --job-name.") from None
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise StepError(f"{config.shown(path)} names no job: run `python setup_ml.py` again, or pass --job-name.")
+    return record
+
+
+def find_job(job_name, target):
+    """The job to deploy: `job_name`, or the one setup_ml.py recorded (which must have completed)."""
+    record = read_last_job()
+    if job_name:
+        return record if record and record.get("name") == job_name else {"name": job_name, "target": target}
+    if not record:
+        raise StepError("No fine-tuning job recorded: run `python setup_ml.py` first, or pass --job-name.")
+    if record.get("target") != target:
+        raise StepError(f"The last job, {record['name']}, ran with TARGET={record.get('target')}, not {target}: "
+                        "run setup_ml.py for this target, or pass --job-name.")
+    if record.get("status") != "Completed":
+        raise StepError(f"The last job, {record['name']}, is {record.get('status')}, not Completed: "
+                        "run `python setup_ml.py` again (or pass --job-name).")
+    return record
+
+
+def model_output_dir(record):
+    """Where a local job's MLflow model is (an absolute path)."""
+    path = Path(record.get("model_output") or Path(config.JOBS_DIR) / record["name"] / "model_output")
+    return path if path.is_absolute() else config.PROJECT_DIR / path

@@ -1,0 +1,107 @@
+"""The local job runner: the fine-tuning job as a process of this machine, standing in for an Azure ML job.
+
+    run_local_job("finetune-phi-20261203-101500", training_args)   # what `python setup_ml.py` does locally
+
+The "environment" is this venv, the "compute" is this machine (PROCESSES_PER_NODE > 1 runs torchrun), and
+the job is finetuning_dir/fine_tune.py with the same command line as the Azure job, plus the tiny model's
+training settings. Its log, checkpoints and MLflow model land in outputs/jobs/<job name>/; the job is recorded
+in outputs/last_job.json, where deploy_model.py finds it. A job folder is never reused.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import config
+from job_record import record_job
+from stand_ins import tiny_model
+from step_errors import LOG_TAIL_LINES, StepError, print_tail
+
+FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"
+# The tiny local model learns from scratch: see the LOCAL_* settings in config.py for the why.
+LOCAL_TRAINING_ARGS = [
+    "--no-packing",  # whole chats, one per row: the tiny model memorizes them more cleanly
+    "--no-gradient-checkpointing",  # a 1M-parameter model has no memory to save
+    "--group-by-length",  # batches of similar length: ~1.4x faster than random batches with padding
+    "--assistant-only-loss",  # learn the answers, not the questions (the tiny template has generation marks)
+    "--eval-strategy", "no",  # eval loss is measured before and after training instead of every epoch
+    "--logging-steps", "100",
+    "--save-steps", "200",
+    "--fast-exit",  # skip the 2-5 s teardown of torch after the summary (fine_tune.py ignores it under torchrun)
+]
+
+
+def job_folder(job_name):
+    """Where a local job keeps its log, checkpoints and model_output."""
+    return Path(config.JOBS_DIR) / job_name
+
+
+def base_model(build=True):
+    """LOCAL_BASE_MODEL_DIR: the tiny Phi-3 (built on first use when `build`), or a model of your own that
+    you put there, used as it is and never rebuilt."""
+    folder = Path(config.LOCAL_BASE_MODEL_DIR)
+    if tiny_model.holds_other_model(folder) or not build:
+        return folder
+    return tiny_model.ensure_tiny_phi3(folder)
+
+
+def local_job_command(job_name, training_args, build=True):
+    """The job's process: fine_tune.py (under torchrun for several processes) on the local base model."""
+    job_dir = job_folder(job_name)
+    script = [str(FINETUNING_DIR / training_args[0]), *training_args[1:],
+              "--model-name", str(base_model(build)), "--checkpoint-dir", str(job_dir / "checkpoints"),
+              "--epochs", str(config.LOCAL_EPOCHS), "--learning-rate", str(config.LOCAL_LEARNING_RATE),
+              "--batch-size", str(config.LOCAL_BATCH_SIZE), "--max-length", str(config.LOCAL_MAX_LENGTH),
+              *LOCAL_TRAINING_ARGS]
+    if config.PROCESSES_PER_NODE > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={config.PROCESSES_PER_NODE}", *script]
+    return [sys.executable, *script]
+
+
+def stream_process(command, log_path, env):
+    """Run `command`, echo its output and keep it in `log_path`; returns (exit code, last lines)."""
+    tail = deque(maxlen=LOG_TAIL_LINES)
+    with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, encoding="utf-8",
+        errors="replace", cwd=config.PROJECT_DIR,
+    ) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            log.write(line)
+            tail.append(line.rstrip("\n"))
+    return process.returncode, tail
+
+
+def run_local_job(job_name, training_args, dry_run=False):
+    """Run the job as a local process and record how it ended; returns the step's exit code."""
+    job_dir = job_folder(job_name)
+    if dry_run:  # nothing is built, written or started
+        print("Local job command:\n  " + " ".join(local_job_command(job_name, training_args, build=False)))
+        return 0
+    if job_dir.exists():
+        raise StepError(f"{config.shown(job_dir)} already exists: choose another JOB_NAME (jobs are never overwritten).")
+    command = local_job_command(job_name, training_args)
+    job_dir.mkdir(parents=True)
+    env = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # progress bars are noise in a streamed job log
+           **os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": config.MLFLOW_TRACKING_URI,
+           "MLFLOW_EXPERIMENT_NAME": config.AZURE_EXPERIMENT_NAME, "FINETUNE_RUN_NAME": job_name}
+    print(f"Running job {job_name} on this machine ({config.PROCESSES_PER_NODE} process(es)); "
+          f"log: {config.shown(job_dir / 'log.txt')}")
+    started = time.perf_counter()
+    try:
+        code, tail = stream_process(command, job_dir / "log.txt", env)
+    except KeyboardInterrupt:
+        print(f"\nJob {job_name} cancelled; its folder {config.shown(job_dir)} is kept.", file=sys.stderr)
+        return 130
+    status = "Completed" if code == 0 else "Failed"
+    record_job(job_name, "local", status, job_dir=config.shown(job_dir), model_output=config.shown(job_dir / "model_output"))
+    if code != 0:
+        print(f"Job {job_name} failed (exit code {code}) after {time.perf_counter() - started:.0f} s.", file=sys.stderr)
+        print_tail(tail, "log.txt")
+        return 1
+    print(f"Job {job_name} completed in {time.perf_counter() - started:.0f} s. Next: python deploy_model.py")
+    return 0
