@@ -23,6 +23,26 @@ from safe_write import FileChangedError, write_generated_file
 MAX_PROBLEMS_SHOWN = 20
 
 
+# --- The tutorial's functions -------------------------------------------------------------------
+def load_and_split_dataset(dataset_name, config_name, split_ratio, split=None, seed=None, skip_invalid=False):
+    """Load the dataset, check every record, and split it into train/test with a fixed seed."""
+    split = split or config.DATASET_SPLIT
+    seed = config.SPLIT_SEED if seed is None else seed
+    dataset = load_source_dataset(dataset_name, config_name, split)
+    print(f"Original dataset size: {len(dataset)}")
+    dataset = validate_records(dataset, skip_invalid)
+    if len(dataset) < 2:
+        raise TooFewRecordsError(f"only {len(dataset)} valid record(s); a train/test split needs 2 or more")
+    return dataset.train_test_split(test_size=split_ratio, seed=seed)
+
+
+def save_dataset_to_jsonl(dataset, filepath, force=False):
+    """Write one JSON object per line (UTF-8 kept as is), atomically; returns what happened to the file."""
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in dataset]
+    return write_generated_file(filepath, "".join(lines), force=force)
+
+
+# --- Loading and checking (the tutorial loads without checking) ----------------------------------
 class DatasetUnavailableError(RuntimeError):
     """The dataset could not be loaded (no internet, unknown name, missing file)."""
 
@@ -75,24 +95,6 @@ def validate_records(dataset, skip_invalid=False):
         dataset = dataset.select(i for i in range(len(dataset)) if i not in bad)
         print(f"Skipped {len(problems)} invalid record(s) (--skip-invalid); first: record {problems[0][0]}: {problems[0][1]}")
     return dataset
-
-
-def load_and_split_dataset(dataset_name, config_name, split_ratio, split=None, seed=None, skip_invalid=False):
-    """Load the dataset, check every record, and split it into train/test with a fixed seed."""
-    split = split or config.DATASET_SPLIT
-    seed = config.SPLIT_SEED if seed is None else seed
-    dataset = load_source_dataset(dataset_name, config_name, split)
-    print(f"Original dataset size: {len(dataset)}")
-    dataset = validate_records(dataset, skip_invalid)
-    if len(dataset) < 2:
-        raise TooFewRecordsError(f"only {len(dataset)} valid record(s); a train/test split needs 2 or more")
-    return dataset.train_test_split(test_size=split_ratio, seed=seed)
-
-
-def save_dataset_to_jsonl(dataset, filepath, force=False):
-    """Write one JSON object per line (UTF-8 kept as is), atomically; returns what happened to the file."""
-    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in dataset]
-    return write_generated_file(filepath, "".join(lines), force=force)
 
 
 def parse_args(argv=None):

@@ -16,81 +16,27 @@ Writes outputs/eval/questions.jsonl (what was asked), outputs/eval/<label>/rows.
 answer, reference, f1, exact_match, latency_s, error), outputs/eval/<label>/summary.md, and
 outputs/eval/summary.md (all endpoints side by side), and prints that table.
 
---compare-base saves the base model (models/tiny-phi3) as an MLflow model in a temporary folder, serves it
-with local_endpoint.py on a free port and a key of its own, points the flow at it for that run only (through
-environment variables of this process) and stops it afterwards.
+--compare-base serves the untrained base model (LOCAL_BASE_MODEL_DIR, a plain transformers folder) with the
+local endpoint's server on a free port and a key of its own (stand_ins.endpoint_process.serve_model), points
+the flow at it for that run only (through environment variables of this process) and stops it afterwards.
 """
 
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
-import secrets
-import socket
-import string
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import config
+from metrics import exact_match, summarize, summary_table, token_f1
 
 FLOW_DIR = config.PROJECT_DIR  # flow.dag.yml
 DEFAULT_OUTPUT_DIR = config.PROJECT_DIR / "outputs" / "eval"
-ARTICLES = {"a", "an", "the"}
-
-
-# --- Metrics ---------------------------------------------------------------------------------------
-def normalize(text):
-    """Lower-case, punctuation and articles dropped, whitespace collapsed (SQuAD's answer normalization)."""
-    text = "".join(" " if char in string.punctuation else char for char in text.lower())
-    return " ".join(word for word in text.split() if word not in ARTICLES)
-
-
-def token_f1(answer, reference):
-    """Harmonic mean of token precision and recall between the normalized answer and reference."""
-    answer_tokens, reference_tokens = normalize(answer).split(), normalize(reference).split()
-    if not answer_tokens or not reference_tokens:
-        return float(answer_tokens == reference_tokens)
-    common = sum((Counter(answer_tokens) & Counter(reference_tokens)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(answer_tokens), common / len(reference_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def exact_match(answer, reference):
-    """1.0 when the normalized answer and reference are the same text."""
-    return float(normalize(answer) == normalize(reference))
-
-
-def percentile(values, q):
-    """The q-th percentile (0-100), interpolated between neighbours as numpy does; None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summarize(rows):
-    """Overall metrics; a failed line scores 0 and its latency is left out."""
-    latencies = [row["latency_s"] for row in rows if row["error"] is None and row["latency_s"] is not None]
-    count = len(rows)
-    return {
-        "rows": count,
-        "errors": sum(row["error"] is not None for row in rows),
-        "exact_match": sum(row["exact_match"] for row in rows) / count if count else 0.0,
-        "token_f1": sum(row["f1"] for row in rows) / count if count else 0.0,
-        "latency_p50_s": percentile(latencies, 50),
-        "latency_p95_s": percentile(latencies, 95),
-    }
-
 
 # --- Test data ------------------------------------------------------------------------------------
 def first_exchange(messages):
@@ -122,25 +68,6 @@ def write_questions(data_path, output_path, limit=None):
 
 
 # --- One batch run --------------------------------------------------------------------------------
-@contextlib.contextmanager
-def environment(values):
-    """Set environment variables for the duration of the block, then put the old ones back.
-
-    Not pf.run(environment_variables=...): Prompt flow stores those in its run records (a key would end up in
-    ~/.promptflow) and leaves them set in this process afterwards.
-    """
-    old = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def line_records(run):
     """Prompt flow's record of each line of a run: {line number: run_info} (status, output, error, duration)."""
     folder = Path(run.properties["output_path"]) / "flow_artifacts"
@@ -187,7 +114,8 @@ def evaluate(pf, label, questions_path, questions, endpoint_url, api_key=None, w
     if api_key is not None:
         values.update({"AZURE_ML_ENDPOINT": endpoint_url, "AZURE_ML_API_KEY": api_key})
     print(f"\n=== {label}: {len(questions)} question(s) -> {endpoint_url}")
-    with environment(values):
+    # Not pf.run(environment_variables=...): Prompt flow would store the key in its run records (~/.promptflow).
+    with mock.patch.dict(os.environ, values):
         run = pf.run(
             flow=FLOW_DIR,
             data=str(questions_path),
@@ -213,84 +141,24 @@ def write_results(output_dir, label, rows, summary, endpoint_url, run_name):
     return folder
 
 
-def summary_table(summaries):
-    """A Markdown table with one column per endpoint."""
-    def number(value, digits):
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    lines = [
-        ("questions", lambda s: str(s["rows"])),
-        ("errors", lambda s: str(s["errors"])),
-        ("exact match", lambda s: number(s["exact_match"], 3)),
-        ("token F1", lambda s: number(s["token_f1"], 3)),
-        ("latency p50 (s)", lambda s: number(s["latency_p50_s"], 2)),
-        ("latency p95 (s)", lambda s: number(s["latency_p95_s"], 2)),
-    ]
-    table = ["| metric | " + " | ".join(summaries) + " |", "|---|" + "---:|" * len(summaries)]
-    table += [f"| {name} | " + " | ".join(cell(s) for s in summaries.values()) + " |" for name, cell in lines]
-    return "\n".join(table) + "\n"
-
-
 # --- The base model behind a temporary local endpoint ---------------------------------------------
-def export_base_model(output_dir):
-    """Save the untrained base model as an MLflow model, the way fine_tune.py saves the trained one."""
-    sys.path.insert(0, str(config.PROJECT_DIR / "finetuning_dir"))
-    from fine_tune import save_mlflow_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tiny_phi3 import ensure_tiny_phi3
-
-    base_dir = ensure_tiny_phi3()
-    save_mlflow_model(AutoModelForCausalLM.from_pretrained(base_dir), AutoTokenizer.from_pretrained(base_dir),
-                      output_dir)
-
-
-def free_port(host="127.0.0.1"):
-    """A TCP port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def base_model_endpoint():
-    """Serve the base model with local_endpoint.py on a free port and a fresh key; yields (url, key)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """Serve the untrained base model on a free port with a fresh key until the block ends; yields (url, key)."""
+    from stand_ins.endpoint_process import serve_model
+    from stand_ins.job_runner import base_model
+    from step_errors import StepError
 
-    from deploy_model import wait_until_ready
-    from ml_client import StepError
-
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="base-model-") as folder:
-        model_dir = Path(folder) / "model"
-        started = time.perf_counter()
-        # In a process of its own, so torch and MLflow never load into this one (Prompt flow forks from it).
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pool.submit(export_base_model, model_dir).result()
-        port, key = free_port(), secrets.token_urlsafe(32)
-        url = f"http://127.0.0.1:{port}/score"
         log_path = Path(folder) / "endpoint.log"
-        with open(log_path, "w", encoding="utf-8") as log:
-            process = subprocess.Popen(
-                [sys.executable, str(config.PROJECT_DIR / "local_endpoint.py"), "--model-dir", str(model_dir),
-                 "--host", "127.0.0.1", "--port", str(port)],
-                env={**os.environ, "LOCAL_ENDPOINT_KEY": key}, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, cwd=config.PROJECT_DIR)
         try:
-            try:
-                wait_until_ready(process, url)
-            except StepError as error:
-                tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
-                raise SystemExit(f"error: the base model's endpoint did not start: {error}\n{tail}") from None
-            print(f"Base model served at {url} ({time.perf_counter() - started:.1f} s to save and load)")
-            yield url, key
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            with serve_model(base_model(), log_path) as endpoint:
+                print(f"Base model served at {endpoint.url} ({time.perf_counter() - started:.1f} s to load)")
+                yield endpoint.url, endpoint.key
+        except StepError as error:
+            tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
+            raise SystemExit(f"error: the base model's endpoint did not start: {error}\n{tail}") from None
 
 
 # --- Main -----------------------------------------------------------------------------------------
@@ -328,11 +196,9 @@ def parse_args(argv=None):
 def main(argv=None):
     """Evaluate the fine-tuned endpoint (and the base model or another endpoint) and print the table."""
     args = parse_args(argv)
-    from integrate_with_promptflow import EndpointError, endpoint_settings
-
-    try:
-        endpoint_url, _ = endpoint_settings()  # a missing setting fails here, before Prompt flow starts
-    except EndpointError as error:
+    try:  # a missing setting fails here, before Prompt flow starts
+        endpoint_url, _ = config.fresh("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", hint="`python deploy_model.py` writes them")
+    except config.MissingSettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     from promptflow.client import PFClient

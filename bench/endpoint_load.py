@@ -3,11 +3,11 @@
     python bench/endpoint_load.py                      # the model of the last job (outputs/last_job.json), ~1 min
     python bench/endpoint_load.py --model-dir outputs/jobs/<job>/model_output --threads 1 --json load.json
 
-Starts local_endpoint.py (the server deploy_model.py starts) as a subprocess on a free loopback port with a key of
-its own, waits for /ready and sends --warmup-requests untimed. Then:
+Serves the model with the endpoint server deploy_model.py starts (stand_ins.endpoint_process.serve_model: a free
+loopback port, a key of its own), waits for /ready and sends --warmup-requests untimed. Then:
 
 1. The server's overhead: --overhead-pairs pairs of calls on the same input, one to score.run() in this process
-   (scoring_dir/score.py loaded with local_endpoint.load_scoring_script, init() on the same model, called from a
+   (scoring_dir/score.py loaded with stand_ins.endpoint_server.load_scoring_script, init() on the same model, called from a
    worker thread as the server's thread pool calls it) and one over HTTP from one client, the order alternating
    so that a drifting machine hits both alike; prints both p50s, their difference and ratio, and the median of
    the paired differences. For answers also HTTP latency minus the time score.run() took inside the server for
@@ -30,26 +30,24 @@ import argparse
 import http.client
 import json
 import os
-import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
 import config  # noqa: E402 - settings only: the project folder must be on the path first
+from job_record import model_output_dir, read_last_job  # noqa: E402
+from metrics import percentile  # noqa: E402 - numpy's, as evaluate_flow.py reports latency
+from stand_ins.endpoint_process import serve_model  # noqa: E402 - the one way to serve a model and stop it
 
 HOST = "127.0.0.1"  # loopback only
 # A request score.py rejects before the model runs: its HTTP round trip is the server's own path, and nothing else.
 REJECTED_BODY = json.dumps({"input_data": ["Who founded Microsoft?"], "params": {"not_a_param": 1}})
-READY_TIMEOUT_S = 120
-STOP_GRACE_S = 15
 
 
 def parse_args(argv=None):
@@ -92,65 +90,11 @@ def request_bodies(questions, max_new_tokens):
 
 def default_model_dir():
     """model_output of the job setup_ml.py recorded last."""
-    record_path = Path(config.LAST_JOB_FILE)
-    if not record_path.is_file():
-        raise SystemExit(f"error: {config.shown(record_path)} not found: run `make demo` (or `python setup_ml.py`) "
+    record = read_last_job()
+    if not record:
+        raise SystemExit(f"error: {config.shown(config.LAST_JOB_FILE)} not found: run `make demo` (or `python setup_ml.py`) "
                          "first, or pass --model-dir")
-    path = Path(json.loads(record_path.read_text())["model_output"])
-    return path if path.is_absolute() else PROJECT_DIR / path
-
-
-# --- The server -------------------------------------------------------------------------------------------------
-def free_port():
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model_dir, port, key, log_path, threads=None):
-    """local_endpoint.py in a subprocess, as deploy_model.py starts it; returns the Popen."""
-    command = [sys.executable, str(PROJECT_DIR / "local_endpoint.py"), "--model-dir", str(model_dir),
-               "--host", HOST, "--port", str(port)]
-    env = {**os.environ, "LOCAL_ENDPOINT_KEY": key, "PYTHONUNBUFFERED": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    with open(log_path, "w", encoding="utf-8") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=PROJECT_DIR, start_new_session=True)
-
-
-def wait_until_ready(process, port, timeout_s=READY_TIMEOUT_S):
-    """Poll GET /ready until 200; returns the seconds it took. Fails if the process exits."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout_s:
-        if process.poll() is not None:
-            raise RuntimeError(f"local_endpoint.py exited with code {process.returncode} before it was ready")
-        try:
-            connection = http.client.HTTPConnection(HOST, port, timeout=2)
-            connection.request("GET", "/ready")
-            status = connection.getresponse().status
-            connection.close()
-            if status == 200:
-                return time.perf_counter() - started
-            if status == 500:
-                raise RuntimeError("local_endpoint.py could not load the model")
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"local_endpoint.py was not ready after {timeout_s} s")
-
-
-def stop_server(process):
-    """SIGTERM, then SIGKILL after STOP_GRACE_S; only the process this script started."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    return model_output_dir(record)
 
 
 # --- The load ----------------------------------------------------------------------------------------------------
@@ -215,14 +159,6 @@ def run_load(port, key, bodies, concurrency, total, timeout_s, time_limit_s):
     return list(results), time.perf_counter() - started, total - len(results)
 
 
-def percentile(values, q):
-    """The q-th percentile (0-100) of `values`, nearest rank; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
 def summarize(results, wall_s, not_sent, concurrency):
     """Latency percentiles of the 200s (ms), rates and status counts of one run."""
     ok = [seconds for status, seconds in results if status == 200]
@@ -243,16 +179,16 @@ def _ms(seconds):
 
 # --- Overhead: the scoring script without the server ----------------------------------------------------------------
 def load_scorer_in_process(model_dir, max_new_tokens_limit, threads=None):
-    """scoring_dir/score.py loaded as local_endpoint.py loads it, init() on the same model; returns (module, seconds)."""
+    """scoring_dir/score.py loaded as the endpoint server loads it, init() on the same model; returns (module, seconds)."""
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from local_endpoint import load_scoring_script
+    from stand_ins.endpoint_server import load_scoring_script
 
     if threads:
         torch.set_num_threads(threads)
     transformers_logging.disable_progress_bar()
-    os.environ["MAX_NEW_TOKENS_LIMIT"] = str(max_new_tokens_limit)  # what local_endpoint.py sets for score.py
+    os.environ["MAX_NEW_TOKENS_LIMIT"] = str(max_new_tokens_limit)  # what the endpoint server sets for score.py
     scorer = load_scoring_script()
     started = time.perf_counter()
     scorer.init(str(model_dir))
@@ -362,31 +298,31 @@ def main(argv=None):
           f"{config.MAX_QUEUE_WAIT_MS} ms queue wait")
     scorer, load_s = load_scorer_in_process(model_dir, config.MAX_NEW_TOKENS_LIMIT, args.threads)
 
-    key, port = secrets.token_urlsafe(32), free_port()
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as folder:
         log_path = Path(folder) / "endpoint.log"
-        process = start_server(model_dir, port, key, log_path, args.threads)
+        started = time.perf_counter()
+        threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
         try:
-            ready_s = wait_until_ready(process, port)
-            print(f"local_endpoint.py (pid {process.pid}) ready on http://{HOST}:{port}/score in {ready_s:.1f} s "
-                  f"(score.init() in this process: {load_s:.1f} s)")
-            run_load(port, key, bodies, 1, args.warmup_requests, args.request_timeout_s, args.run_time_limit_s)
-            overhead = measure_overhead(scorer, port, key, bodies, args.overhead_pairs, args.request_timeout_s)
-            plan = [(level, args.requests) for level in args.concurrency]
-            if args.long_requests:
-                plan.append((max(args.concurrency), args.long_requests))
-            for concurrency, total in plan:
-                results, wall_s, not_sent = run_load(port, key, bodies, concurrency, total, args.request_timeout_s,
-                                                     args.run_time_limit_s)
-                runs.append(summarize(results, wall_s, not_sent, concurrency))
-                print(f"  {concurrency} client(s), {total} requests: {wall_s:.1f} s", flush=True)
+            with mock.patch.dict(os.environ, threads), serve_model(model_dir, log_path, host=HOST) as endpoint:
+                ready_s = time.perf_counter() - started
+                port, key = int(endpoint.url.rsplit(":", 1)[1].split("/")[0]), endpoint.key
+                print(f"The endpoint server (pid {endpoint.pid}) ready on {endpoint.url} in {ready_s:.1f} s "
+                      f"(score.init() in this process: {load_s:.1f} s)")
+                run_load(port, key, bodies, 1, args.warmup_requests, args.request_timeout_s, args.run_time_limit_s)
+                overhead = measure_overhead(scorer, port, key, bodies, args.overhead_pairs, args.request_timeout_s)
+                plan = [(level, args.requests) for level in args.concurrency]
+                if args.long_requests:
+                    plan.append((max(args.concurrency), args.long_requests))
+                for concurrency, total in plan:
+                    results, wall_s, not_sent = run_load(port, key, bodies, concurrency, total, args.request_timeout_s,
+                                                         args.run_time_limit_s)
+                    runs.append(summarize(results, wall_s, not_sent, concurrency))
+                    print(f"  {concurrency} client(s), {total} requests: {wall_s:.1f} s", flush=True)
         except BaseException:
             print("--- endpoint log (tail) ---\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-20:]),
                   file=sys.stderr)
             raise
-        finally:
-            stop_server(process)
     print_runs(runs)
     print_overhead(overhead)
     lost = sum(run["lost"] for run in runs)

@@ -10,7 +10,7 @@ Runs, each as the user's own command in a subprocess with this interpreter (the 
 
 (without that last script: `pf flow test --flow . --inputs input_data="Who founded Microsoft?"`), then
 `python cleanup.py`, timed but not part of the total. Every output goes to a fresh temporary folder
-(isolated_env() below, which tests/conftest.py uses too: TRAIN_DATA_PATH, LOCAL_BASE_MODEL_DIR, JOBS_DIR,
+(stand_ins/sandbox.py's isolated_env(), which tests/conftest.py uses too: TRAIN_DATA_PATH, LOCAL_BASE_MODEL_DIR, JOBS_DIR,
 MLFLOW_TRACKING_URI, a free LOCAL_ENDPOINT_PORT pair, PF_HOME_DIRECTORY, ...), so nothing of yours is touched
 and every run starts as a first `make demo` after install does: no data, no base model, no MLflow database.
 Telemetry is off as in the Makefile, and `pf config set telemetry.enabled=false trace.destination=none` runs
@@ -28,8 +28,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,11 @@ import time
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_DIR))
+
+from stand_ins import endpoint_process  # noqa: E402 - the project folder must be on the path first
+from stand_ins.sandbox import isolated_env  # noqa: E402 - the environment the tests run the steps in, too
+from step_errors import StepError  # noqa: E402
 PYTHON = sys.executable
 TARGET_S = 60  # the issue's target for the whole local pipeline on 2 cores
 
@@ -52,10 +55,10 @@ CLEANUP = ("cleanup", ["cleanup.py"])
 # Every Python process of the pipeline and the heavy packages it imports (at the top or inside a function).
 PROCESS_IMPORTS = [
     ("download_dataset.py", ["download_dataset", "datasets"]),
-    ("setup_ml.py (+ tiny model build)", ["setup_ml", "tiny_phi3", "tokenizers", "transformers", "torch"]),
+    ("setup_ml.py (+ tiny model build)", ["setup_ml", "stand_ins.job_runner", "tokenizers", "transformers", "torch"]),
     ("fine_tune.py (job process)", ["fine_tune", "torch", "transformers", "trl", "datasets", "mlflow", "mlflow.transformers"]),
     ("deploy_model.py", ["deploy_model", "mlflow", "requests"]),
-    ("local_endpoint.py (server process)", ["local_endpoint", "uvicorn", "torch", "transformers"]),
+    ("endpoint server (server process)", ["stand_ins.endpoint_server", "uvicorn", "torch", "transformers"]),
     ("integrate_with_promptflow.py", ["integrate_with_promptflow", "promptflow.client"]),
     ("cleanup.py", ["cleanup"]),
 ]
@@ -90,45 +93,6 @@ def parse_args(argv=None):
     return args
 
 
-def free_port():
-    """A free TCP port on the loopback interface (the endpoint's blue slot uses it, green the next one)."""
-    for _ in range(20):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port + 1)) != 0:
-                return port
-    return port
-
-
-def isolated_env(work_dir):
-    """The steps' environment (the tests' too): the user's minus project settings, outputs in work_dir, no telemetry."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("AZURE_", "LOCAL_", "DATASET_", "JOB_"))}
-    env.update({
-        "TARGET": "local",
-        "FINETUNE_PHI_ENV_FILE": str(work_dir / ".env"),
-        "TRAIN_DATA_PATH": str(work_dir / "data" / "train_data.jsonl"),
-        "TEST_DATA_PATH": str(work_dir / "data" / "test_data.jsonl"),
-        "LOCAL_BASE_MODEL_DIR": str(work_dir / "models" / "tiny-phi3"),
-        "JOBS_DIR": str(work_dir / "outputs" / "jobs"),
-        "LAST_JOB_FILE": str(work_dir / "outputs" / "last_job.json"),
-        "LOCAL_ENDPOINT_DIR": str(work_dir / "outputs" / "endpoint"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{(work_dir / 'mlflow.db').as_posix()}",
-        "LOCAL_ENDPOINT_PORT": str(free_port()),
-        "PF_HOME_DIRECTORY": str(work_dir / ".pf"),
-        # As the Makefile exports them:
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "DO_NOT_TRACK": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
-    return env
-
-
 def run_command(command, env, timeout_s):
     """Run a command in the project folder; returns (exit code, seconds, combined output)."""
     started = time.perf_counter()
@@ -152,14 +116,14 @@ def inner_figures(output):
 
 
 def stop_leftover_endpoints(work_dir):
-    """Stop endpoint processes cleanup.py missed: only pids from this run's own pid files, if still local_endpoint.py."""
+    """Stop endpoint processes cleanup.py missed: only those this run's own pid files name."""
     for pid_file in (work_dir / "outputs" / "endpoint").glob("*.pid"):
         try:
-            pid = int(pid_file.read_text().strip())
-            if b"local_endpoint.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+            record = endpoint_process.read_pid_record(pid_file)
+        except StepError:
+            continue
+        if record:
+            endpoint_process.stop(*record)
 
 
 def step_command(script, pf):

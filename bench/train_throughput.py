@@ -76,7 +76,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "mini"], default="tiny",
-                        help="tiny: tiny_phi3.MODEL_SIZE (the local model); mini: Phi-3-mini, 3.8B parameters")
+                        help="tiny: stand_ins/tiny_model.py's MODEL_SIZE (the local model); mini: Phi-3-mini, 3.8B parameters")
     parser.add_argument("--profiles", default="tutorial,tuned,lora",
                         help="comma-separated, from: " + ", ".join(PROFILES))
     parser.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: tiny 512, mini 2048)")
@@ -194,12 +194,12 @@ def peak_memory_gib(kind):
 
 # --- Model, tokenizer, data -----------------------------------------------------------------------------------
 def model_shape(size, num_layers=None):
-    """The Phi3Config fields of --size (tiny: tiny_phi3.MODEL_SIZE and VOCAB_SIZE, read from the project)."""
+    """The Phi3Config fields of --size (tiny: stand_ins.tiny_model's MODEL_SIZE and VOCAB_SIZE)."""
     if size == "tiny":
         sys.path.insert(0, str(PROJECT_DIR))
-        import tiny_phi3
+        from stand_ins import tiny_model
 
-        shape = {**tiny_phi3.MODEL_SIZE, "vocab_size": tiny_phi3.VOCAB_SIZE}
+        shape = {**tiny_model.MODEL_SIZE, "vocab_size": tiny_model.VOCAB_SIZE}
     else:
         shape = dict(MINI_SHAPE)
     if num_layers:

@@ -81,8 +81,9 @@ def start(model_dir, port, key, log_path, host="127.0.0.1", extra_args=(), detac
                            psutil.Process(process.pid).create_time())
 
 
-def wait_until_ready(endpoint, timeout_s=READY_TIMEOUT_S):
-    """Poll GET /ready until 200; StepError if the process exits, the model fails to load, or time runs out."""
+def wait_until_ready(endpoint, timeout_s=READY_TIMEOUT_S, while_loading=None):
+    """Poll GET /ready until 200; StepError if the process exits, the model fails to load, or time runs out.
+    `while_loading(response)` sees each answer before the 200 (the tests check what a loading server says)."""
     import requests
 
     ready_url = endpoint.url.rsplit("/", 1)[0] + "/ready"
@@ -96,6 +97,8 @@ def wait_until_ready(endpoint, timeout_s=READY_TIMEOUT_S):
                 return endpoint
             if response.status_code == 500:
                 raise StepError(f"The endpoint could not load the model: {response.text[:300]}")
+            if while_loading:
+                while_loading(response)
         except requests.ConnectionError:
             pass
         time.sleep(0.25)
@@ -147,12 +150,13 @@ def stop_endpoint(endpoint):
 
 
 @contextlib.contextmanager
-def serve_model(model_dir, log_path, host="127.0.0.1", port=None, key=None, extra_args=(), timeout_s=READY_TIMEOUT_S):
+def serve_model(model_dir, log_path, host="127.0.0.1", port=None, key=None, extra_args=(), timeout_s=READY_TIMEOUT_S,
+                while_loading=None):
     """Serve a model folder (MLflow model or plain transformers folder) until the block ends; yields the
     RunningEndpoint once it is ready. A free port and a fresh key unless given; always stopped afterwards."""
     endpoint = start(model_dir, port or free_port(host), key or secrets.token_urlsafe(32), log_path, host, extra_args)
     try:
-        yield wait_until_ready(endpoint, timeout_s)
+        yield wait_until_ready(endpoint, timeout_s, while_loading)
     finally:
         stop_endpoint(endpoint)
 

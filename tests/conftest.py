@@ -6,7 +6,6 @@ mlflow.db, and no test reaches the network.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,22 +17,19 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 WORK_DIR = Path(tempfile.mkdtemp(prefix="finetune-phi-tests-"))
 
 
-def free_port():
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # The same throwaway-folder settings bench/pipeline.py runs the steps with: outputs under WORK_DIR, a free
-# port pair for the blue/green endpoint, telemetry off, and none of the user's own AZURE_/LOCAL_/... settings.
+# port pair for the blue/green endpoint, telemetry off, and none of the settings config.py reads (so nothing
+# you exported, such as SPLIT_SEED or MAX_NEW_TOKENS_LIMIT, changes a result). sandbox.py does not import
+# config: config reads the environment once, when a test module first imports it, after this.
 sys.path.insert(0, str(PROJECT_DIR))
-from bench.pipeline import isolated_env  # noqa: E402 - the project folder must be on the path first
+from stand_ins.sandbox import isolated_env  # noqa: E402 - the project folder must be on the path first
 
 settings = isolated_env(WORK_DIR)
 os.environ.clear()
 os.environ.update(settings)
 os.environ["HF_HUB_OFFLINE"] = "1"  # a Hub download fails at once instead of retrying for half a minute
+
+from stand_ins.endpoint_process import free_port  # noqa: E402,F401 - for the tests; after the settings above
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 import evaluate_flow
+import metrics
 from conftest import WORK_DIR, read_env_file, run_script
 
 LIMIT = 3
@@ -14,30 +15,44 @@ LIMIT = 3
 
 # --- Metrics --------------------------------------------------------------------------------------
 def test_normalize_drops_case_punctuation_and_articles():
-    assert evaluate_flow.normalize("The  Euro, in 2002!") == "euro in 2002"
+    assert metrics.normalize("The  Euro, in 2002!") == "euro in 2002"
+
+
+def test_normalize_deletes_punctuation_as_squad_does():
+    # SQuAD's normalize_answer deletes punctuation (it does not turn it into spaces), then drops articles.
+    assert metrics.normalize("A well-known, state-of-the-art model.") == "wellknown stateoftheart model"
+    assert metrics.token_f1("well-known", "wellknown") == 1.0
 
 
 def test_token_f1_and_exact_match():
     reference = "Bill Gates and Paul Allen founded Microsoft."
-    assert evaluate_flow.token_f1("bill gates and paul allen founded microsoft", reference) == 1.0
-    assert evaluate_flow.exact_match("Bill Gates and Paul Allen founded Microsoft", reference) == 1.0
-    assert evaluate_flow.token_f1("Paris", reference) == 0.0
+    assert metrics.token_f1("bill gates and paul allen founded microsoft", reference) == 1.0
+    assert metrics.exact_match("Bill Gates and Paul Allen founded Microsoft", reference) == 1.0
+    assert metrics.token_f1("Paris", reference) == 0.0
     # 2 of 3 answer tokens are right (precision 2/3), 2 of 7 reference tokens found (recall 2/7): F1 = 0.4
-    assert evaluate_flow.token_f1("Bill Gates alone", reference) == pytest.approx(0.4)
-    assert evaluate_flow.exact_match("Bill Gates alone", reference) == 0.0
+    assert metrics.token_f1("Bill Gates alone", reference) == pytest.approx(0.4)
+    assert metrics.exact_match("Bill Gates alone", reference) == 0.0
 
 
 def test_percentile_interpolates():
-    assert evaluate_flow.percentile([], 50) is None
-    assert evaluate_flow.percentile([3.0], 95) == 3.0
-    assert evaluate_flow.percentile([1, 2, 3, 4], 50) == 2.5
-    assert evaluate_flow.percentile(list(range(101)), 95) == 95
+    assert metrics.percentile([], 50) is None
+    assert metrics.percentile([3.0], 95) == 3.0
+    assert metrics.percentile([1, 2, 3, 4], 50) == 2.5
+    assert metrics.percentile(list(range(101)), 95) == 95
+    assert metrics.percentile([10, 20, 30], 90) == pytest.approx(28.0)  # interpolated, as numpy.percentile
+
+
+def test_the_benchmarks_use_the_same_percentile():
+    from conftest import PROJECT_DIR
+
+    source = (PROJECT_DIR / "bench" / "endpoint_load.py").read_text()
+    assert "from metrics import percentile" in source and "def percentile" not in source
 
 
 def test_summary_scores_a_failed_line_zero_and_leaves_out_its_latency():
     rows = [{"f1": 1.0, "exact_match": 1.0, "latency_s": 0.5, "error": None},
             {"f1": 0.0, "exact_match": 0.0, "latency_s": 9.0, "error": "HTTP 500"}]
-    summary = evaluate_flow.summarize(rows)
+    summary = metrics.summarize(rows)
     assert summary["errors"] == 1 and summary["token_f1"] == 0.5 and summary["latency_p95_s"] == 0.5
 
 

@@ -25,7 +25,7 @@ def summary_losses(text):
 
 def fine_tune(tmp_path, *extra, base=None, env=None, launcher=(), output="model_output"):
     """Run fine_tune.py on the session's data and tiny base model; returns the CompletedProcess."""
-    from tiny_phi3 import ensure_tiny_phi3
+    from stand_ins.tiny_model import ensure_tiny_phi3
 
     base = base or ensure_tiny_phi3()
     return run_script(*launcher, FINE_TUNE, "--train-file", config.TRAIN_DATA_PATH, "--eval-file", config.TEST_DATA_PATH,

@@ -1,4 +1,4 @@
-"""local_endpoint.py as a real server process, called over HTTP the way the tutorial's client calls Azure."""
+"""The local endpoint's server as a real process, called over HTTP the way the tutorial's client calls Azure."""
 
 import os
 import secrets
@@ -13,36 +13,32 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import free_port
+from stand_ins.endpoint_process import serve_model
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # starlette.testclient (the in-process tests) uses an alias that anyio 4.16 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:The anyio.abc.BlockingPortal alias:DeprecationWarning")
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-if str(PROJECT_DIR) not in sys.path:
-    sys.path.insert(0, str(PROJECT_DIR))  # the in-process tests import local_endpoint
+SERVER = [sys.executable, "-m", "stand_ins.endpoint_server"]
 READY_TIMEOUT_S = 90  # import torch + load the model, on 2 busy CPU cores
 MAX_REQUEST_BYTES = 200_000
 QUEUE_WAIT_MS = 50  # short, so the concurrency test sees 429s quickly
 
 
 class Server:
-    """A running local_endpoint.py: its URL, key, process and stderr log."""
+    """A running endpoint server: its URL, key and stderr log, and what it answered while loading."""
 
-    def __init__(self, url, key, process, log_path, seen_while_loading):
-        self.url, self.key, self.process, self.log_path = url, key, process, log_path
-        self.seen_while_loading = seen_while_loading  # (GET /ready, POST /score) statuses before ready
+    def __init__(self, endpoint, seen_while_loading):
+        self.endpoint, self.key, self.log_path = endpoint, endpoint.key, endpoint.log_path
+        self.url = endpoint.url.rsplit("/", 1)[0]
+        self.seen_while_loading = seen_while_loading  # (GET /ready, POST /score, Retry-After) before ready
 
     def post(self, body, key=None, **kwargs):
         """POST /score with the key (or another one), as the tutorial's client does."""
         headers = {"Authorization": f"Bearer {key or self.key}"}
         return requests.post(f"{self.url}/score", json=body, headers=headers, timeout=60, **kwargs)
-
-
-def free_port():
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_env(**extra):
@@ -51,53 +47,26 @@ def server_env(**extra):
     return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", **extra}
 
 
-
-
 @pytest.fixture(scope="session")
 def local_endpoint(served_model_dir, tmp_path_factory):
-    """local_endpoint.py serving the model on a free port (1 request at a time); stopped with SIGTERM after."""
+    """The endpoint server on a free port (1 request at a time), through serve_model(): stopped after."""
+    seen = []
+
+    def note(ready):  # while the model loads: what /ready and /score answer
+        scoring = requests.post(ready.url.rsplit("/", 1)[0] + "/score", json={"input_data": ["Hi"]},
+                                headers={"Authorization": f"Bearer {key}"}, timeout=5)
+        seen.append((ready.status_code, scoring.status_code, scoring.headers.get("Retry-After")))
+
     key = secrets.token_urlsafe(32)
-    port = free_port()
     log_path = tmp_path_factory.mktemp("endpoint") / "server.log"
-    command = [sys.executable, str(PROJECT_DIR / "local_endpoint.py"), "--model-dir", str(served_model_dir),
-               "--port", str(port), "--max-concurrent", "1", "--max-queue-wait-ms", str(QUEUE_WAIT_MS),
-               "--max-request-bytes", str(MAX_REQUEST_BYTES)]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=PROJECT_DIR, env=server_env(LOCAL_ENDPOINT_KEY=key),
-                                   stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", key, process, log_path, [])
-    try:
-        wait_until_ready(server)
-        yield server
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            returncode = process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            returncode = process.wait()
+    extra = ["--max-concurrent", "1", "--max-queue-wait-ms", QUEUE_WAIT_MS, "--max-request-bytes", MAX_REQUEST_BYTES]
+    with serve_model(served_model_dir, log_path, key=key, extra_args=extra, timeout_s=READY_TIMEOUT_S,
+                     while_loading=note) as endpoint:
+        yield Server(endpoint, seen)
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says what stopped it.
     log = log_path.read_text()
-    assert returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log, f"exit {returncode}:\n{log}"
-
-
-def wait_until_ready(server):
-    """Poll GET /ready until 200; note what the server answers while the model loads."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"the server exited with {server.process.returncode}:\n{server.log_path.read_text()}")
-        try:
-            ready = requests.get(f"{server.url}/ready", timeout=5)
-        except requests.ConnectionError:
-            time.sleep(0.1)
-            continue
-        if ready.status_code == 200:
-            return
-        scoring = server.post({"input_data": ["Hi"]})
-        server.seen_while_loading.append((ready.status_code, scoring.status_code, scoring.headers.get("Retry-After")))
-        time.sleep(0.1)
-    pytest.fail(f"the server was not ready within {READY_TIMEOUT_S} s:\n{server.log_path.read_text()}")
+    assert endpoint.exit_code in (0, -signal.SIGTERM) and "Application shutdown complete" in log, \
+        f"exit {endpoint.exit_code}:\n{log}"
 
 
 # --- The tutorial's client ----------------------------------------------------------------------------
@@ -268,14 +237,14 @@ def test_simultaneous_requests_beyond_the_cap_get_429(local_endpoint):
 
 def test_the_server_refuses_to_start_without_a_key(served_model_dir):
     for env in (server_env(), server_env(LOCAL_ENDPOINT_KEY="  ")):
-        result = subprocess.run([sys.executable, "local_endpoint.py", "--model-dir", str(served_model_dir),
+        result = subprocess.run([*SERVER, "--model-dir", str(served_model_dir),
                                  "--port", str(free_port())], cwd=PROJECT_DIR, env=env, capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 2 and "LOCAL_ENDPOINT_KEY" in result.stderr
 
 
 def test_the_server_refuses_a_folder_without_a_model(tmp_path):
-    result = subprocess.run([sys.executable, "local_endpoint.py", "--model-dir", str(tmp_path), "--port",
+    result = subprocess.run([*SERVER, "--model-dir", str(tmp_path), "--port",
                              str(free_port())], cwd=PROJECT_DIR, env=server_env(LOCAL_ENDPOINT_KEY="k"),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "MLmodel" in result.stderr
@@ -286,7 +255,7 @@ def test_the_server_refuses_a_folder_without_a_model(tmp_path):
 def test_a_request_over_the_timeout_gets_504_and_frees_the_model(served_model_dir):
     from starlette.testclient import TestClient
 
-    import local_endpoint as endpoint_module
+    from stand_ins import endpoint_server as endpoint_module
 
     # Any generation takes longer than 0.1 ms; the stopped one must free the single slot for the next.
     app = endpoint_module.create_app(served_model_dir, "k", max_concurrent=1, max_queue_wait_s=5,
@@ -305,7 +274,7 @@ def test_a_request_over_the_timeout_gets_504_and_frees_the_model(served_model_di
 def test_a_failing_scoring_script_gets_500_and_the_server_keeps_serving(tmp_path):
     from starlette.testclient import TestClient
 
-    import local_endpoint as endpoint_module
+    from stand_ins import endpoint_server as endpoint_module
 
     script = tmp_path / "score.py"
     script.write_text(
@@ -326,7 +295,7 @@ def test_a_failing_scoring_script_gets_500_and_the_server_keeps_serving(tmp_path
 def test_a_model_that_cannot_load_makes_ready_say_why(tmp_path):
     from starlette.testclient import TestClient
 
-    import local_endpoint as endpoint_module
+    from stand_ins import endpoint_server as endpoint_module
 
     (tmp_path / "MLmodel").write_text("flavors: {}\n")
     (tmp_path / "model").mkdir()

@@ -213,7 +213,19 @@ def test_init_without_a_model_folder_says_what_to_set(monkeypatch):
 
 def test_a_folder_without_mlmodel_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no MLmodel file"):
-        load_score_module().find_mlflow_model(tmp_path)
+        load_score_module().find_model_folder(tmp_path)
+
+
+def test_a_plain_transformers_folder_is_served_too():
+    # The untrained base model (evaluate_flow.py --compare-base) is served from its own folder, no MLflow export.
+    from stand_ins.tiny_model import ensure_tiny_phi3
+
+    base = ensure_tiny_phi3()
+    module = load_score_module()
+    assert module.find_model_folder(base) == base
+    module.init(str(base))
+    (answer,) = module.run({"input_data": ["Who founded Microsoft?"], "params": {"max_new_tokens": 4}})
+    assert isinstance(answer, str)
 
 
 def test_run_before_init_fails_clearly():

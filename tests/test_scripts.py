@@ -6,9 +6,23 @@ import pytest
 
 from conftest import PROJECT_DIR, run_script
 
-SCRIPTS = ["config.py", "download_dataset.py", "tiny_phi3.py", "setup_ml.py", "deploy_model.py", "cleanup.py",
-           "local_endpoint.py", "integrate_with_promptflow.py", "evaluate_flow.py", "finetuning_dir/fine_tune.py"]
+SCRIPTS = ["config.py", "download_dataset.py", "stand_ins/tiny_model.py", "setup_ml.py", "deploy_model.py", "cleanup.py",
+           "stand_ins/endpoint_server.py", "integrate_with_promptflow.py", "evaluate_flow.py", "finetuning_dir/fine_tune.py"]
+STEPS = ["download_dataset.py", "setup_ml.py", "deploy_model.py", "integrate_with_promptflow.py", "evaluate_flow.py",
+         "cleanup.py"]
+TUTORIAL_FUNCTIONS = {  # ../shared/TUTORIAL.md: each step script opens with these, in this order
+    "download_dataset.py": ["load_and_split_dataset", "save_dataset_to_jsonl"],
+    "setup_ml.py": ["create_or_get_environment", "create_or_get_compute_cluster", "create_fine_tuning_job"],
+    "deploy_model.py": ["register_model", "create_or_update_endpoint", "create_or_update_deployment",
+                        "set_traffic_to_deployment"],
+    "integrate_with_promptflow.py": ["query_azml_endpoint", "setup_asyncio_policy", "my_python_tool"],
+}
 HEAVY = ("torch", "transformers", "trl", "datasets", "mlflow", "azure.ai.ml", "peft")
+
+
+def command_of(script):
+    """How a user runs it: `python x.py`, or `python -m stand_ins.x` for a module of the stand-ins package."""
+    return ("-m", script.removesuffix(".py").replace("/", ".")) if script.startswith("stand_ins/") else (script,)
 
 
 def existing(scripts):
@@ -22,12 +36,12 @@ def test_docstring_opens_with_the_command(script):
     assert docstring, f"{script} has no module docstring"
     command_lines = [line.strip() for line in docstring.splitlines() if line.strip().startswith(("python ", "TARGET="))]
     assert command_lines, f"{script}'s docstring shows no command"
-    assert any(script.split("/")[-1] in line for line in command_lines)
+    assert any(" ".join(command_of(script)) in line or script.split("/")[-1] in line for line in command_lines)
 
 
 @pytest.mark.parametrize("script", existing([s for s in SCRIPTS if s != "config.py"]))
 def test_answers_help(script):
-    result = run_script(script, "--help", env={"LOCAL_ENDPOINT_KEY": ""})
+    result = run_script(*command_of(script), "--help", env={"LOCAL_ENDPOINT_KEY": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout
 
@@ -54,3 +68,42 @@ def test_project_uses_no_hard_coded_path_separators():
     for path in PROJECT_DIR.glob("*.py"):
         source = path.read_text()
         assert "os.path.join" not in source and '+ "/"' not in source, path.name
+
+
+@pytest.mark.parametrize("script", STEPS)
+def test_a_step_script_is_short_and_imports_no_other_step(script):
+    source = (PROJECT_DIR / script).read_text()
+    assert len(source.splitlines()) <= 250, f"{script} has {len(source.splitlines())} lines"
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    others = {step.removesuffix(".py") for step in STEPS} - {script.removesuffix(".py")}
+    assert not imported & others, f"{script} imports the step script(s) {sorted(imported & others)}"
+
+
+@pytest.mark.parametrize("script", sorted(TUTORIAL_FUNCTIONS))
+def test_a_step_script_opens_with_the_tutorials_functions(script):
+    tree = ast.parse((PROJECT_DIR / script).read_text())
+    functions = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+    expected = TUTORIAL_FUNCTIONS[script]
+    assert functions[:len(expected)] == expected, functions[:len(expected) + 2]
+
+
+def test_steps_that_talk_to_azure_share_the_tutorials_get_ml_client():
+    import azure_ml
+    import cleanup
+    import deploy_model
+    import setup_ml
+
+    assert setup_ml.get_ml_client is deploy_model.get_ml_client is cleanup.get_ml_client is azure_ml.get_ml_client
+
+
+def test_tests_never_import_the_benchmarks():
+    for path in (PROJECT_DIR / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(name.split(".")[0] == "bench" for name in names), path.name

@@ -5,13 +5,13 @@ import hashlib
 import pytest
 
 import config
-import tiny_phi3
+from stand_ins import tiny_model
 
 
 @pytest.fixture(scope="module")
 def base_model_dir():
     """The session's tiny Phi-3 (built on first use, like the local steps do)."""
-    return tiny_phi3.ensure_tiny_phi3()
+    return tiny_model.ensure_tiny_phi3()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_generation_stops_at_end_token(loaded):
 
 
 def test_build_is_deterministic(tmp_path, base_model_dir):
-    tiny_phi3.build_tiny_phi3(tmp_path / "again", config.SAMPLE_DATASET_PATH)
+    tiny_model.build_tiny_phi3(tmp_path / "again", config.SAMPLE_DATASET_PATH)
     for name in ("model.safetensors", "tokenizer.json"):
         first = hashlib.sha256((base_model_dir / name).read_bytes()).hexdigest()
         second = hashlib.sha256((tmp_path / "again" / name).read_bytes()).hexdigest()
@@ -96,7 +96,16 @@ def test_build_is_deterministic(tmp_path, base_model_dir):
 
 
 def test_ensure_reuses_an_up_to_date_build(base_model_dir, capsys):
-    stamp_time = (base_model_dir / tiny_phi3.STAMP_FILE).stat().st_mtime_ns
-    assert tiny_phi3.ensure_tiny_phi3() == base_model_dir
-    assert (base_model_dir / tiny_phi3.STAMP_FILE).stat().st_mtime_ns == stamp_time
+    stamp_time = (base_model_dir / tiny_model.STAMP_FILE).stat().st_mtime_ns
+    assert tiny_model.ensure_tiny_phi3() == base_model_dir
+    assert (base_model_dir / tiny_model.STAMP_FILE).stat().st_mtime_ns == stamp_time
     assert "Built" not in capsys.readouterr().out
+
+
+def test_a_model_of_your_own_in_the_folder_is_never_replaced(tmp_path):
+    own = tmp_path / "my-phi"
+    own.mkdir()
+    (own / "config.json").write_text('{"model_type": "phi3"}')
+    with pytest.raises(FileExistsError, match="did not build"):
+        tiny_model.ensure_tiny_phi3(own, force=True)
+    assert sorted(p.name for p in own.iterdir()) == ["config.json"]
