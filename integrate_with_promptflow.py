@@ -17,15 +17,15 @@ because the default flask engine's chat page answers 400 in Prompt flow 1.18.5.
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import time
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import requests
-from dotenv import dotenv_values
 from promptflow.core import tool  # Prompt flow runs the function marked @tool (this import takes 2-4 s)
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ResponseError
+from urllib3.util.retry import Retry
 
 import config
 
@@ -43,133 +43,25 @@ MAX_HISTORY_TURNS = 10  # earlier turns sent with each question: more context, l
 # HTTP: give up early on a dead address, wait as long as the endpoint itself allows for an answer.
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = config.REQUEST_TIMEOUT_MS / 1000 + 10  # the endpoint answers 504 after REQUEST_TIMEOUT_MS
-TOTAL_TIMEOUT_S = 2 * config.REQUEST_TIMEOUT_MS / 1000  # all attempts and waits together
+TOTAL_TIMEOUT_S = 2 * config.REQUEST_TIMEOUT_MS / 1000  # no retry starts that would wait past this
 MAX_ATTEMPTS = 4  # for busy (429), unavailable (503) or unreachable endpoints
 RETRY_STATUSES = (429, 503)
-MAX_RETRY_WAIT_S = 30  # a longer Retry-After is cut to this (and to the time left)
+MAX_RETRY_WAIT_S = 30  # a longer Retry-After is cut to this; one that ends past the deadline is not waited for
+BACKOFF_FACTOR = 0.5  # without Retry-After, retries wait 0, 1, 2 s: longer spares a busy endpoint, costs the user
 
 logger = logging.getLogger(__name__)
-_session = None  # one requests.Session per process: keeps the connection open between turns
-
-
-class EndpointError(RuntimeError):
-    """The endpoint could not answer; the message says what to do. It never contains the key."""
-
-
-def setup_asyncio_policy():
-    """On Windows, use the selector event loop: Prompt flow's async code fails on the default proactor loop."""
-    if sys.platform.startswith("win") and not isinstance(
-        asyncio.get_event_loop_policy(), asyncio.WindowsSelectorEventLoopPolicy
-    ):
-        asyncio.set_event_loop_policy(asyncio.WindowsSelectorEventLoopPolicy())
-
-
-# .env as it was when this module was loaded: config.py copied it into os.environ then (see endpoint_settings).
-_DOTENV_AT_LOAD = dotenv_values(config.ENV_FILE)
-
-
-def endpoint_settings():
-    """(url, key) of the endpoint, read afresh: .env, unless the environment sets a different value.
-
-    config.py copies .env into os.environ once, at import; a value still equal to that copy came from .env,
-    so today's .env is read instead, and a long-running `pf flow serve` follows a redeploy's new URL and key.
-    """
-    current = dotenv_values(config.ENV_FILE)
-    values = []
-    for name in (ENDPOINT_SETTING, KEY_SETTING):
-        value = os.environ.get(name)
-        if value is None or value == _DOTENV_AT_LOAD.get(name):
-            value = current.get(name)
-        value = (value or "").strip()
-        if config.is_placeholder(value):
-            raise EndpointError(f"{name} is not set (or still a placeholder) in {config.shown(config.ENV_FILE)} "
-                                "or the environment: run `python deploy_model.py` first, which writes it.")
-        values.append(value)
-    return tuple(values)
-
-
-def to_conversation(input_data, chat_history=None):
-    """Prompt flow's chat history plus the new question, as the endpoint's list of {role, content} messages."""
-    messages = []
-    for turn in (chat_history or [])[-MAX_HISTORY_TURNS:]:
-        question = (turn.get("inputs") or {}).get("input_data")
-        answer = (turn.get("outputs") or {}).get("answer")
-        if isinstance(question, str) and isinstance(answer, str):  # a turn that failed has no answer: skip it
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    messages.append({"role": "user", "content": input_data})
-    return messages
-
-
-def get_session():
-    """This process's HTTP session."""
-    global _session
-    if _session is None:
-        _session = requests.Session()
-    return _session
-
-
-def retry_wait_s(response, attempt):
-    """How long to wait before the next attempt: the server's Retry-After, else 0.5, 1, 2 ... s."""
-    header = (response.headers.get("Retry-After", "") if response is not None else "").strip()
-    if header.isdigit():
-        return min(float(header), MAX_RETRY_WAIT_S)
-    if header:
-        try:  # the other form of Retry-After: an HTTP date
-            return min(max(parsedate_to_datetime(header).timestamp() - time.time(), 0.0), MAX_RETRY_WAIT_S)
-        except (TypeError, ValueError):
-            pass
-    return min(0.5 * 2 ** (attempt - 1), MAX_RETRY_WAIT_S)
-
-
-def server_message(response, api_key):
-    """The error the endpoint sent: {"error": ...} from ours, {"message": ...} from Azure, else the text."""
-    try:
-        body = response.json()
-        text = (body.get("error") or body.get("message")) if isinstance(body, dict) else None
-        text = str(text or body)
-    except ValueError:
-        text = response.text
-    return text[:500].replace(api_key, "<key>") if api_key else text[:500]
-
-
-def post_with_retries(url, body, api_key, deadline):
-    """POST the request; retry a busy (429/503) or unreachable endpoint until MAX_ATTEMPTS or the deadline."""
-    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        left = deadline - time.monotonic()
-        response, problem = None, None
-        timeout = (max(min(CONNECT_TIMEOUT_S, left), 1), max(min(READ_TIMEOUT_S, left), 1))  # (connect, read)
-        try:
-            response = get_session().post(url, json=body, headers=headers, timeout=timeout)
-        except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL):
-            raise EndpointError(f"{ENDPOINT_SETTING}={url!r} is not an http(s) URL: expected the scoring URI, "
-                                "e.g. https://<endpoint>.<region>.inference.ml.azure.com/score") from None
-        except requests.exceptions.ReadTimeout:
-            raise EndpointError(f"the endpoint at {url} did not answer within {timeout[1]:.0f} s: "
-                                "ask for fewer max_new_tokens, or raise REQUEST_TIMEOUT_MS") from None
-        except requests.exceptions.ConnectionError as error:  # refused, DNS, connect timeout, reset
-            problem = type(error).__name__
-        if response is not None and response.status_code not in RETRY_STATUSES:
-            return response
-        wait = retry_wait_s(response, attempt)
-        if attempt == MAX_ATTEMPTS or time.monotonic() + wait >= deadline:
-            break
-        what = f"HTTP {response.status_code}" if response is not None else problem
-        logger.warning("%s from %s; retrying in %.1f s (attempt %d of %d)", what, url, wait, attempt + 1, MAX_ATTEMPTS)
-        time.sleep(wait)
-    if response is None:
-        raise EndpointError(f"the endpoint at {url} is not reachable ({problem}): run `python deploy_model.py` "
-                            f"(it starts the local endpoint again), or check {ENDPOINT_SETTING}")
-    raise EndpointError(f"the endpoint at {url} is still busy (HTTP {response.status_code}) after {attempt} "
-                        f"attempt(s): {server_message(response, api_key)}. Try again later, or give the endpoint "
-                        "more instances (AZURE_DEPLOYMENT_INSTANCE_COUNT) or MAX_CONCURRENT_REQUESTS_PER_INSTANCE.")
 
 
 def query_azml_endpoint(input_data, endpoint_url, api_key, chat_history=None, params=None):
     """Ask the endpoint to answer `input_data` after `chat_history` (Prompt flow's format); returns the answer."""
     body = {"input_data": [to_conversation(input_data, chat_history)], "params": params or CHAT_PARAMS}
-    response = post_with_retries(endpoint_url, body, api_key, time.monotonic() + TOTAL_TIMEOUT_S)
+    response = post_with_retries(endpoint_url, body, api_key)
     status = response.status_code
+    if status in RETRY_STATUSES:  # retries are spent, or the next wait would end past the deadline
+        attempts = len(response.raw.retries.history) + 1
+        raise EndpointError(f"the endpoint at {endpoint_url} is still busy (HTTP {status}) after {attempts} "
+                            f"attempt(s): {server_message(response, api_key)}. Try again later, or give the endpoint "
+                            "more instances (AZURE_DEPLOYMENT_INSTANCE_COUNT) or MAX_CONCURRENT_REQUESTS_PER_INSTANCE.")
     if status in (401, 403):
         raise EndpointError(f"the endpoint at {endpoint_url} refused the key (HTTP {status}): {KEY_SETTING} does not "
                             "match the endpoint's key. Run `python deploy_model.py` again (it writes the current key "
@@ -187,8 +79,16 @@ def query_azml_endpoint(input_data, endpoint_url, api_key, chat_history=None, pa
         answer = None
     if not isinstance(answer, str):
         raise EndpointError(f"the endpoint at {endpoint_url} answered outside the contract (a JSON list of answer "
-                            f"strings): {response.text[:200]}")
+                            f"strings): {without_key(response.text, api_key, 200)}")
     return answer
+
+
+def setup_asyncio_policy():
+    """On Windows, use the selector event loop: Prompt flow's async code fails on the default proactor loop."""
+    if sys.platform.startswith("win") and not isinstance(
+        asyncio.get_event_loop_policy(), asyncio.WindowsSelectorEventLoopPolicy
+    ):
+        asyncio.set_event_loop_policy(asyncio.WindowsSelectorEventLoopPolicy())
 
 
 @tool
@@ -199,6 +99,108 @@ def my_python_tool(input_data: str, chat_history: list = None) -> str:
     setup_asyncio_policy()
     endpoint_url, api_key = endpoint_settings()
     return query_azml_endpoint(input_data, endpoint_url, api_key, chat_history)
+
+
+# --- The pieces: settings, the conversation, HTTP with retries ----------------------------------------
+class EndpointError(RuntimeError):
+    """The endpoint could not answer; the message says what to do. It never contains the key."""
+
+
+def endpoint_settings():
+    """(url, key) of the endpoint as they are now: the environment, else .env read again (a redeploy rewrites it)."""
+    try:
+        return config.fresh(ENDPOINT_SETTING, KEY_SETTING, hint="run `python deploy_model.py` first: it writes them")
+    except config.MissingSettingsError as error:
+        raise EndpointError(str(error)) from None
+
+
+def to_conversation(input_data, chat_history=None):
+    """Prompt flow's chat history plus the new question, as the endpoint's list of {role, content} messages."""
+    messages = []
+    for turn in (chat_history or [])[-MAX_HISTORY_TURNS:]:
+        question = (turn.get("inputs") or {}).get("input_data")
+        answer = (turn.get("outputs") or {}).get("answer")
+        if isinstance(question, str) and isinstance(answer, str):  # a turn that failed has no answer: skip it
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": input_data})
+    return messages
+
+
+class DeadlineRetry(Retry):
+    """urllib3's Retry that also gives up when the wait before the next attempt would end at `deadline`."""
+
+    def __init__(self, *args, deadline=float("inf"), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline  # a time.monotonic() value
+
+    def new(self, **kwargs):
+        """The next Retry (urllib3 makes one per attempt), with the same deadline."""
+        kwargs.setdefault("deadline", self.deadline)
+        return super().new(**kwargs)
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        """Count the failed attempt; out of retries or of time, raise MaxRetryError as urllib3 does."""
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        retry_after = retry.get_retry_after(response) if response is not None else None  # capped at retry_after_max
+        wait = retry_after or retry.get_backoff_time()  # what retry.sleep() will wait
+        if time.monotonic() + wait >= self.deadline:
+            reason = error or ResponseError(f"no time left to wait {wait:.1f} s after HTTP {response.status}")
+            raise MaxRetryError(_pool, url, reason) from reason
+        what = f"HTTP {response.status}" if response is not None else type(error).__name__
+        logger.warning("%s from %s; retrying in %.1f s (attempt %d of %d)", what, url, wait,
+                       len(retry.history) + 1, MAX_ATTEMPTS)
+        return retry
+
+
+def post_with_retries(url, body, api_key):
+    """POST the request; urllib3 retries a busy (429/503) or unreachable endpoint until MAX_ATTEMPTS or the deadline."""
+    retry = DeadlineRetry(
+        total=MAX_ATTEMPTS - 1,
+        read=False,  # a read timeout means the model is generating: surface it, do not send the question again
+        other=0,  # e.g. a TLS error: another try gives the same answer
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods={"POST"},  # answering changes nothing on the server, so the POST is safe to repeat
+        backoff_factor=BACKOFF_FACTOR,
+        retry_after_max=MAX_RETRY_WAIT_S,
+        raise_on_status=False,  # out of tries: return the last 429/503, whose text the error shows
+        deadline=time.monotonic() + TOTAL_TIMEOUT_S,
+    )
+    # A session per question, because the retry policy carries this question's deadline; the connection
+    # handshake it costs is nothing next to generating an answer.
+    with requests.Session() as session:
+        adapter = HTTPAdapter(max_retries=retry)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        timeout = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)  # per attempt
+        try:
+            return session.post(url, json=body, headers=headers, timeout=timeout)
+        except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL):
+            raise EndpointError(f"{ENDPOINT_SETTING}={url!r} is not an http(s) URL: expected the scoring URI, "
+                                "e.g. https://<endpoint>.<region>.inference.ml.azure.com/score") from None
+        except requests.exceptions.ReadTimeout:
+            raise EndpointError(f"the endpoint at {url} did not answer within {timeout[1]:.0f} s: "
+                                "ask for fewer max_new_tokens, or raise REQUEST_TIMEOUT_MS") from None
+        except requests.exceptions.ConnectionError as error:  # refused, DNS, connect timeout, reset
+            raise EndpointError(f"the endpoint at {url} is not reachable ({type(error).__name__}): run `python "
+                                f"deploy_model.py` (it starts the local endpoint again), or check {ENDPOINT_SETTING}"
+                                ) from None
+
+
+def without_key(text, api_key, limit):
+    """`text` with the key replaced by <key>, then cut to `limit` characters (so no part of the key is left)."""
+    return (text.replace(api_key, "<key>") if api_key else text)[:limit]
+
+
+def server_message(response, api_key):
+    """The error the endpoint sent: {"error": ...} from ours, {"message": ...} from Azure, else the text."""
+    try:
+        body = response.json()
+        text = (body.get("error") or body.get("message")) if isinstance(body, dict) else None
+        text = str(text or body)
+    except ValueError:
+        text = response.text
+    return without_key(text, api_key, 500)
 
 
 def parse_args(argv=None):

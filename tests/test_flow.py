@@ -11,7 +11,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import requests
 import yaml
 
 import config
@@ -80,28 +79,13 @@ def test_history_becomes_the_endpoints_conversation():
     assert sent[0]["content"] == f"q{30 - flow_tool.MAX_HISTORY_TURNS}"  # the latest turns are kept
 
 
-def test_retry_wait_honours_retry_after():
-    def response(value):
-        fake = requests.Response()
-        if value is not None:
-            fake.headers["Retry-After"] = value
-        return fake
-
-    assert flow_tool.retry_wait_s(response("3"), attempt=1) == 3
-    assert flow_tool.retry_wait_s(response("0"), attempt=1) == 0
-    assert flow_tool.retry_wait_s(response("9999"), attempt=1) == flow_tool.MAX_RETRY_WAIT_S
-    assert flow_tool.retry_wait_s(response("Wed, 21 Oct 2015 07:28:00 GMT"), attempt=1) == 0  # in the past
-    assert flow_tool.retry_wait_s(response(None), attempt=1) == 0.5
-    assert flow_tool.retry_wait_s(None, attempt=3) == 2.0
-
-
 def test_missing_setting_names_it_and_the_step_to_run(monkeypatch, tmp_path):
     empty = tmp_path / ".env"
     empty.write_text("AZURE_ML_API_KEY=<your-endpoint-key>\n")
     monkeypatch.setattr(config, "ENV_FILE", empty)
     monkeypatch.delenv("AZURE_ML_ENDPOINT", raising=False)
     monkeypatch.delenv("AZURE_ML_API_KEY", raising=False)
-    with pytest.raises(flow_tool.EndpointError, match="AZURE_ML_ENDPOINT.*python deploy_model.py"):
+    with pytest.raises(flow_tool.EndpointError, match=r"(?s)AZURE_ML_ENDPOINT.*python deploy_model.py"):
         flow_tool.endpoint_settings()
     monkeypatch.setenv("AZURE_ML_ENDPOINT", "http://127.0.0.1:1/score")
     with pytest.raises(flow_tool.EndpointError, match="AZURE_ML_API_KEY"):
@@ -112,11 +96,9 @@ def test_settings_follow_a_redeploy(monkeypatch, tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("AZURE_ML_ENDPOINT=http://127.0.0.1:5001/score\nAZURE_ML_API_KEY=first\n")
     monkeypatch.setattr(config, "ENV_FILE", env_file)
-    monkeypatch.setattr(flow_tool, "_DOTENV_AT_LOAD", {"AZURE_ML_ENDPOINT": "http://127.0.0.1:5001/score",
-                                                       "AZURE_ML_API_KEY": "first"})
-    # As config.py leaves them after loading .env at import:
-    monkeypatch.setenv("AZURE_ML_ENDPOINT", "http://127.0.0.1:5001/score")
-    monkeypatch.setenv("AZURE_ML_API_KEY", "first")
+    monkeypatch.delenv("AZURE_ML_ENDPOINT", raising=False)
+    monkeypatch.delenv("AZURE_ML_API_KEY", raising=False)
+    assert flow_tool.endpoint_settings() == ("http://127.0.0.1:5001/score", "first")
     env_file.write_text("AZURE_ML_ENDPOINT=http://127.0.0.1:5002/score\nAZURE_ML_API_KEY=second\n")  # redeploy
     assert flow_tool.endpoint_settings() == ("http://127.0.0.1:5002/score", "second")
     monkeypatch.setenv("AZURE_ML_ENDPOINT", "https://mine.eastus2.inference.ml.azure.com/score")  # set by the user
@@ -129,10 +111,12 @@ class ScriptedHandler(BaseHTTPRequestHandler):
 
     script = []
     received = []
+    delay_s = 0  # how long the "model" takes before it answers
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.received.append({"authorization": self.headers.get("Authorization"), "body": body})
+        time.sleep(self.delay_s)
         status, answer, headers = self.script[min(len(self.received), len(self.script)) - 1]
         payload = json.dumps(answer).encode()
         self.send_response(status)
@@ -195,6 +179,68 @@ def test_a_server_error_never_echoes_the_key(scripted_endpoint):
     assert "HTTP 500" in str(error.value) and "test-key" not in str(error.value)
 
 
+def test_a_key_cut_by_the_message_limit_is_hidden_whole(scripted_endpoint):
+    key = "sk-0123456789abcdef0123456789abcdef"
+    url, _ = scripted_endpoint((500, {"message": "x" * 490 + key + "y" * 75}, {}))  # the 500-char cut falls in the key
+    with pytest.raises(flow_tool.EndpointError) as error:
+        flow_tool.query_azml_endpoint(QUESTION, url, key)
+    message = str(error.value)
+    assert "<key>" in message
+    assert not any(key[:n] in message for n in range(8, len(key) + 1))
+
+
+def test_a_retry_after_past_the_deadline_is_not_waited_for(scripted_endpoint, monkeypatch):
+    monkeypatch.setattr(flow_tool, "TOTAL_TIMEOUT_S", 2)
+    url, received = scripted_endpoint((429, {"error": "busy"}, {"Retry-After": "30"}), (200, ["ok"], {}))
+    started = time.perf_counter()
+    with pytest.raises(flow_tool.EndpointError, match=r"still busy \(HTTP 429\) after 1 attempt\(s\): busy"):
+        flow_tool.query_azml_endpoint(QUESTION, url, "test-key")
+    assert time.perf_counter() - started < 1.5
+    assert len(received) == 1
+
+
+def test_an_unavailable_endpoint_is_retried_until_it_answers(scripted_endpoint):
+    url, received = scripted_endpoint((503, {"error": "starting"}, {}), (503, {"error": "starting"}, {}),
+                                      (200, ["ok"], {}))
+    assert flow_tool.query_azml_endpoint(QUESTION, url, "test-key") == "ok"
+    assert len(received) == 3
+
+
+def test_a_busy_endpoint_is_tried_max_attempts_times(scripted_endpoint):
+    url, received = scripted_endpoint((429, {"error": "busy"}, {"Retry-After": "0"}))
+    with pytest.raises(flow_tool.EndpointError, match=rf"HTTP 429\) after {flow_tool.MAX_ATTEMPTS} attempt\(s\)"):
+        flow_tool.query_azml_endpoint(QUESTION, url, "test-key")
+    assert len(received) == flow_tool.MAX_ATTEMPTS
+
+
+def test_a_slow_answer_is_not_asked_for_again(scripted_endpoint, monkeypatch):
+    monkeypatch.setattr(ScriptedHandler, "delay_s", 1)
+    monkeypatch.setattr(flow_tool, "READ_TIMEOUT_S", 0.3)
+    url, received = scripted_endpoint((200, ["late"], {}))
+    with pytest.raises(flow_tool.EndpointError, match=r"did not answer within \d+ s: ask for fewer max_new_tokens"):
+        flow_tool.query_azml_endpoint(QUESTION, url, "test-key")
+    assert len(received) == 1  # the model is still generating: a second request would only queue behind it
+
+
+def test_a_refused_connection_is_tried_max_attempts_times(monkeypatch):
+    import urllib3.util.connection
+
+    connects = []
+
+    def counted(*args, **kwargs):
+        connects.append(args[0])
+        return real(*args, **kwargs)
+
+    real = urllib3.util.connection.create_connection
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", counted)
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/score"
+        with pytest.raises(flow_tool.EndpointError, match="is not reachable .*python deploy_model.py"):
+            flow_tool.query_azml_endpoint(QUESTION, url, "test-key")
+    assert len(connects) == flow_tool.MAX_ATTEMPTS
+
+
 def test_a_malformed_url_names_the_setting():
     with pytest.raises(flow_tool.EndpointError, match="AZURE_ML_ENDPOINT='127.0.0.1:5001/score' is not an http"):
         flow_tool.query_azml_endpoint(QUESTION, "127.0.0.1:5001/score", "test-key")
@@ -225,7 +271,7 @@ def test_an_endpoint_that_is_down_gets_an_actionable_error_in_time(demo_run, pf,
         elapsed = time.perf_counter() - started
     message = str(error.value)
     assert f"the endpoint at {url} is not reachable" in message and "python deploy_model.py" in message
-    assert elapsed < 15, f"took {elapsed:.1f} s"  # retries with backoff: ~3.5 s, far below TOTAL_TIMEOUT_S
+    assert elapsed < 15, f"took {elapsed:.1f} s"  # retries with backoff: ~3 s, far below TOTAL_TIMEOUT_S
     assert secret_key() not in message
 
 
