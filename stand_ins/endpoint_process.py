@@ -116,10 +116,10 @@ def is_endpoint_process(pid, create_time=None):
         return False
 
 
-def stop(pid, create_time=None, grace_s=STOP_GRACE_S):
+def stop(pid, create_time=None, grace_s=None):
     """Stop an endpoint process: terminate, wait up to grace_s, then kill. True if it was running and stopped;
     False if no such endpoint runs (any other program with that pid is left alone) or it could not be stopped."""
-    return _terminate(pid, create_time, grace_s)[0]
+    return _terminate(pid, create_time, STOP_GRACE_S if grace_s is None else grace_s)[0]
 
 
 def _terminate(pid, create_time, grace_s):

@@ -165,7 +165,7 @@ def forbid_ml_client(monkeypatch, module=None):
 
     import azure.ai.ml
 
-    monkeypatch.setattr(azure.ai.ml, "MLClient", refuse)  # ml_client.get_ml_client imports it at call time
+    monkeypatch.setattr(azure.ai.ml, "MLClient", refuse)  # azure_ml.get_ml_client imports it at call time
     if module is not None:
         monkeypatch.setattr(module, "get_ml_client", refuse)
 
@@ -296,7 +296,7 @@ def endpoint_round_trip(endpoint, loader, tmp_path, name="endpoint"):
     (an identity's principal_id, client_id) that its own schema refuses on load: they are left out, as a
     person writing the YAML would. A deep copy is dumped: dump() turns the identities into dicts in place.
     """
-    from deploy_model import dump_yaml
+    from azure_ml import dump_yaml
 
     path = Path(tmp_path) / f"{name}.yml"
     dump_yaml(endpoint, path)

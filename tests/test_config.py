@@ -97,3 +97,38 @@ def test_config_prints_settings_with_secrets_hidden():
     assert result.returncode == 0
     assert "TARGET = local" in result.stdout
     assert "super-secret-key-value" not in result.stdout and "AZURE_ML_API_KEY = <hidden>" in result.stdout
+
+
+def test_the_sandbox_drops_every_setting_config_reads(tmp_path):
+    from unittest import mock
+
+    from stand_ins.sandbox import isolated_env, setting_names
+
+    assert set(settings_read_from_environment()) <= setting_names()
+    exported = {"TEST_SPLIT_RATIO": "0.5", "SPLIT_SEED": "1", "PROCESSES_PER_NODE": "4", "MAX_NEW_TOKENS_LIMIT": "3",
+                "AZURE_ML_API_KEY": "mine", "MY_OWN_VARIABLE": "kept"}
+    with mock.patch.dict("os.environ", exported):
+        env = isolated_env(tmp_path)
+    assert not set(exported) - {"MY_OWN_VARIABLE"} & set(env), sorted(set(exported) & set(env))
+    assert env["MY_OWN_VARIABLE"] == "kept" and env["FINETUNE_PHI_ENV_FILE"] == str(tmp_path / ".env")
+
+
+def test_dotenv_is_read_but_never_copied_into_the_environment(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("SPLIT_SEED=7\nAZURE_ML_API_KEY=from-dotenv-key\n")
+    script = "import os, config; print(config.SPLIT_SEED, 'AZURE_ML_API_KEY' in os.environ, 'SPLIT_SEED' in os.environ)"
+    result = run_script("-c", script, env={"FINETUNE_PHI_ENV_FILE": str(env_file)})
+    assert result.stdout.split() == ["7", "False", "False"], result.stderr
+
+
+def test_fresh_reads_dotenv_again_and_names_what_is_missing(tmp_path, monkeypatch):
+    env_file = tmp_path / ".env"
+    env_file.write_text("AZURE_ML_ENDPOINT=http://127.0.0.1:5001/score\n")
+    monkeypatch.setattr(config, "ENV_FILE", env_file)
+    monkeypatch.delenv("AZURE_ML_ENDPOINT", raising=False)
+    monkeypatch.delenv("AZURE_ML_API_KEY", raising=False)
+    with pytest.raises(config.MissingSettingsError, match="AZURE_ML_API_KEY") as error:
+        config.fresh("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY")
+    assert "AZURE_ML_ENDPOINT" not in str(error.value)
+    env_file.write_text("AZURE_ML_ENDPOINT=http://127.0.0.1:5002/score\nAZURE_ML_API_KEY=k2\n")  # a redeploy
+    assert config.fresh("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY") == ("http://127.0.0.1:5002/score", "k2")

@@ -13,8 +13,12 @@ def test_demo_writes_both_data_files_with_the_readme_sizes(demo_run):
     assert all(json.loads(line)["messages"] for line in train + test)
 
 
-def test_demo_shows_eval_loss_before_and_after(demo_run):
-    assert "eval loss" in demo_run.stdout and "->" in demo_run.stdout
+def test_demo_shows_eval_loss_falling(demo_run):
+    import re
+
+    before, after = map(float, re.search(r"eval loss\s+([\d.]+) -> ([\d.]+)", demo_run.stdout).groups())
+    perplexity = re.search(r"perplexity\s+([\d.]+) -> ([\d.]+)", demo_run.stdout)
+    assert after < before and perplexity and float(perplexity[2]) < float(perplexity[1])
 
 
 def test_demo_ends_with_the_endpoint_and_the_flow_answering(demo_run):

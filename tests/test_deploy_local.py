@@ -11,9 +11,9 @@ import os
 import shutil
 import socket
 import stat
-import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from dotenv import dotenv_values
@@ -77,16 +77,14 @@ def port_open(url):
 
 def gone(pid, timeout_s=15):
     """True once the process has exited (a zombie waiting for its parent counts as exited)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True
-        except (ProcessLookupError, FileNotFoundError):
-            return True
-        time.sleep(0.2)
-    return False
+    try:
+        process = psutil.Process(pid)
+        process.wait(timeout_s)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return process.status() == psutil.STATUS_ZOMBIE
+    return True
 
 
 def registered_versions():
@@ -233,6 +231,77 @@ def test_a_failed_registration_stops_the_new_slot_and_the_old_one_keeps_serving(
     assert Path(config.ENV_FILE).read_bytes() == env_before
     assert endpoint_state() == before
     assert "Bill Gates" in tutorial_client(url, key, do_sample=False)
+
+
+# --- cleanup.py never signals what is not our endpoint; damaged records are a sentence -----------------
+def unrelated_process():
+    """A process that is not an endpoint (as a recycled pid would be): a Python sleeping for a minute."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_cleanup_leaves_an_unrelated_process_with_a_recorded_pid_alone(demo_run, tmp_path):
+    other = unrelated_process()
+    folder = tmp_path / "endpoint"
+    folder.mkdir()
+    created = psutil.Process(other.pid).create_time()
+    (folder / "blue.pid").write_text(json.dumps({"pid": other.pid, "create_time": created}))
+    (folder / "green.pid").write_text(json.dumps({"pid": other.pid}))  # no start time: the command line decides
+    (folder / "state.json").write_text(json.dumps({"slot": "blue", "pid": other.pid, "create_time": created,
+                                                    "url": "http://127.0.0.1:1/score"}))
+    try:
+        result = run_script("cleanup.py", env={"LOCAL_ENDPOINT_DIR": str(folder)}, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "No local endpoint is running." in result.stdout
+        assert other.poll() is None, "cleanup.py signalled a process that is not the endpoint"
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("name, content", [("blue.pid", "12x\n"), ("green.pid", '{"pid": "many"}'),
+                                           ("state.json", "{not json")])
+def test_a_damaged_pid_or_state_file_is_a_sentence_not_a_traceback(demo_run, tmp_path, name, content):
+    folder = tmp_path / "endpoint"
+    folder.mkdir()
+    (folder / name).write_text(content)
+    result = run_script("cleanup.py", env={"LOCAL_ENDPOINT_DIR": str(folder)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"{name} is damaged" in result.stderr and "stop it by hand" in result.stderr
+    assert not (folder / name).exists()  # said once; the next run is quiet
+    again = run_script("cleanup.py", env={"LOCAL_ENDPOINT_DIR": str(folder)}, timeout=60)
+    assert "damaged" not in again.stderr and "No local endpoint is running." in again.stdout
+
+
+def test_deploy_says_the_previous_endpoint_stopped_only_when_it_did(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from stand_ins import deployment, endpoint_process
+
+    # A stand-in "endpoint" (its command line names the server module) that ignores SIGTERM; kill() is
+    # made to fail, as it would for a process of another user.
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    stubborn = subprocess.Popen([sys.executable, "-c", code, endpoint_process.SERVER_MODULE], stdout=subprocess.PIPE,
+                                text=True)
+    stubborn.stdout.readline()
+    monkeypatch.setattr(config, "LOCAL_ENDPOINT_DIR", tmp_path)
+    monkeypatch.setattr(psutil.Process, "kill", lambda self: None)
+    monkeypatch.setattr(endpoint_process, "STOP_GRACE_S", 0.3)
+    live = {"slot": "blue", "pid": stubborn.pid, "create_time": psutil.Process(stubborn.pid).create_time()}
+    (tmp_path / "blue.pid").write_text(json.dumps(live))
+    try:
+        deployment.stop_previous(live)
+        out, err = capsys.readouterr()
+        assert "Stopped the previous endpoint" not in out
+        assert f"Could not stop the previous endpoint (blue, pid {stubborn.pid})" in err and "cleanup.py" in err
+        assert (tmp_path / "blue.pid").exists()  # kept, so cleanup.py can try again
+    finally:
+        stubborn.kill()
+        stubborn.wait()
 
 
 # --- cleanup.py, then deploy again: later test modules need the endpoint -------------------------------

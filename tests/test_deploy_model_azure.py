@@ -40,10 +40,11 @@ from azure.ai.ml import load_model, load_online_deployment, load_online_endpoint
 from azure.ai.ml.entities import ManagedIdentityConfiguration, ManagedOnlineDeployment, ManagedOnlineEndpoint, Model
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
 
+import azure_ml
 import cleanup
 import config  # azure_mocks puts the project folder on sys.path
 import deploy_model
-import setup_ml
+import job_record
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in azure_mocks.AZURE_WARNING_FILTERS]
 
@@ -81,7 +82,7 @@ def azure(monkeypatch, tmp_path):
     monkeypatch.setattr(config, "LAST_JOB_FILE", tmp_path / "outputs" / "last_job.json")
     monkeypatch.setattr(config, "ENV_FILE", tmp_path / ".env")
     config.ENV_FILE.write_text(ENV_BEFORE, encoding="utf-8")
-    setup_ml.record_job(JOB, "azure", "Completed", studio_url=azure_mocks.studio_url(JOB))
+    job_record.record_job(JOB, "azure", "Completed", studio_url=azure_mocks.studio_url(JOB))
     return SimpleNamespace(env_file=config.ENV_FILE, last_job=config.LAST_JOB_FILE)
 
 
@@ -156,7 +157,7 @@ def test_job_name_option_overrides_the_record(service, capsys):
     ("Completed", "local", "ran with TARGET=local, not azure"),
 ], ids=["failed", "running", "local-job"])
 def test_unusable_recorded_job_stops_before_azure(azure, monkeypatch, capsys, status, target, expected):
-    setup_ml.record_job(JOB, target, status)
+    job_record.record_job(JOB, target, status)
     forbid_ml_client(monkeypatch, deploy_model)
     code, out, err = run_main(capsys)
     assert code == 1
@@ -433,7 +434,7 @@ def test_wait_with_progress_reports_a_slow_operation(monkeypatch, capsys):
     lro = poller("the endpoint")
     lro.done.side_effect = [False, False, True]
     assert deploy_model.wait_with_progress(lro, "endpoint e") == "the endpoint"
-    lro.wait.assert_called_once_with(timeout=deploy_model.PROGRESS_EVERY_S)
+    lro.wait.assert_called_once_with(timeout=azure_ml.PROGRESS_EVERY_S)
     assert "endpoint e: still working" in capsys.readouterr().out
 
 

@@ -184,3 +184,13 @@ def test_hub_unreachable_is_one_clear_sentence(work_dir):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1
     assert "HuggingFaceH4/ultrachat_200k" in error_lines[0] and "DATASET_SOURCE=sample" in error_lines[0]
+
+
+def test_too_few_valid_records_is_its_own_error_without_a_fake_record_index(tmp_path, outputs, monkeypatch, capsys):
+    monkeypatch.setattr(config, "SAMPLE_DATASET_PATH", write_jsonl(tmp_path / "one.jsonl", [chat("Only one?")]))
+    with pytest.raises(download_dataset.TooFewRecordsError):
+        download_dataset.load_and_split_dataset(config.SAMPLE_DATASET_PATH, None, 0.2, "train_sft")
+    assert download_dataset.main([]) == 1
+    error = capsys.readouterr().err
+    assert "only 1 valid record(s)" in error and "record 0:" not in error and "--skip-invalid" not in error
+    assert not outputs.exists()

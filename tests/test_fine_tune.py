@@ -23,12 +23,12 @@ def summary_losses(text):
     return float(match.group(1)), float(match.group(2))
 
 
-def fine_tune(tmp_path, *extra, base=None, env=None, launcher=(), output="model_output"):
+def fine_tune(tmp_path, *extra, base=None, env=None, output="model_output"):
     """Run fine_tune.py on the session's data and tiny base model; returns the CompletedProcess."""
     from stand_ins.tiny_model import ensure_tiny_phi3
 
     base = base or ensure_tiny_phi3()
-    return run_script(*launcher, FINE_TUNE, "--train-file", config.TRAIN_DATA_PATH, "--eval-file", config.TEST_DATA_PATH,
+    return run_script(FINE_TUNE, "--train-file", config.TRAIN_DATA_PATH, "--eval-file", config.TEST_DATA_PATH,
                       "--model_output_dir", tmp_path / output, "--checkpoint-dir", tmp_path / "checkpoints",
                       "--model-name", base, *QUICK_ARGS, *extra,
                       env={"MLFLOW_TRACKING_URI": f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}", **(env or {})})
@@ -97,15 +97,6 @@ def test_job_folder_keeps_log_and_checkpoints_apart_from_the_model(trained_model
 
 
 # --- several processes, resume ----------------------------------------------------------------------
-def test_torchrun_two_processes_writes_exactly_one_model(tmp_path):
-    result = fine_tune(tmp_path, "--max-steps", "4", "--save-steps", "100", "--fast-exit",  # ignored under torchrun
-                       launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("Fine-tuning summary") == 1  # rank 0 alone reports
-    assert "2 process(es)" in result.stdout
-    assert [p.name for p in tmp_path.rglob("MLmodel")] == ["MLmodel"]
-
-
 def test_resume_from_checkpoint_continues_from_the_saved_step(tmp_path):
     first = fine_tune(tmp_path, "--max-steps", "4", "--save-steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -149,14 +140,35 @@ def test_setup_ml_records_the_job_for_deploy_model(demo_run):
     assert record["name"].startswith("finetune-phi-")
 
 
-def test_setup_ml_with_two_processes_per_node_runs_torchrun(tmp_path):
+def test_setup_ml_with_two_processes_per_node_runs_torchrun_and_writes_exactly_one_model(tmp_path):
     env = {"PROCESSES_PER_NODE": "2", "LOCAL_EPOCHS": "0.2", "JOBS_DIR": str(tmp_path / "jobs"),
            "LAST_JOB_FILE": str(tmp_path / "last_job.json"), "JOB_NAME": "ddp-job"}
-    result = run_script("setup_ml.py", env=env)
+    result = run_script("setup_ml.py", env=env)  # the local job passes --fast-exit: ignored under torchrun
     assert result.returncode == 0, result.stdout[-3000:]
+    assert result.stdout.count("Fine-tuning summary") == 1  # rank 0 alone reports
     assert "2 process(es)" in result.stdout
-    assert (tmp_path / "jobs" / "ddp-job" / "model_output" / "MLmodel").is_file()
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("MLmodel")] == ["jobs/ddp-job/model_output/MLmodel"]
     assert json.loads((tmp_path / "last_job.json").read_text())["name"] == "ddp-job"
+
+
+def test_local_dry_run_builds_and_writes_nothing(tmp_path):
+    env = {"LOCAL_BASE_MODEL_DIR": str(tmp_path / "models" / "tiny-phi3"), "JOBS_DIR": str(tmp_path / "jobs"),
+           "LAST_JOB_FILE": str(tmp_path / "last_job.json")}
+    result = run_script("setup_ml.py", "--dry-run", "--job-name", "dry", env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"--model-name {tmp_path / 'models' / 'tiny-phi3'}" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # no base model built, no job folder, no record
+
+
+def test_a_base_model_of_your_own_is_used_as_it_is(tmp_path):
+    own = tmp_path / "my-phi"
+    own.mkdir()
+    (own / "config.json").write_text('{"model_type": "phi3"}')
+    result = run_script("setup_ml.py", "--dry-run", "--job-name", "own", env={"LOCAL_BASE_MODEL_DIR": str(own)},
+                        timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"--model-name {own}" in result.stdout
+    assert [p.name for p in own.iterdir()] == ["config.json"]  # not replaced by a tiny model
 
 
 def test_setup_ml_failed_job_exits_non_zero_with_log_tail(tmp_path):
@@ -188,3 +200,30 @@ def test_lora_trains_adapters_and_writes_a_plain_merged_model(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model_output" / "model")
     assert type(model).__name__ == "Phi3ForCausalLM"
     assert not any("lora" in name for name, _ in model.named_parameters())  # adapters merged in
+
+
+def test_chat_data_has_one_module_name_in_a_process():
+    # download_dataset imports finetuning_dir.chat_data; fine_tune.py, imported from the project, must use the
+    # same module (and so the same ChatDataError), even with finetuning_dir on the path as the job has it.
+    code = ("import sys; sys.path.insert(0, 'finetuning_dir'); import download_dataset; from finetuning_dir import fine_tune; "
+            "import finetuning_dir.chat_data as shared; "
+            "print(fine_tune.ChatDataError is shared.ChatDataError, 'chat_data' in sys.modules)")
+    result = run_script("-c", code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "False"]
+
+
+def test_option_problems_are_not_data_errors(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(PROJECT_DIR))
+    from finetuning_dir import fine_tune
+    from finetuning_dir.chat_data import ChatDataError
+
+    (tmp_path / "model_output").mkdir()
+    (tmp_path / "model_output" / "weights").write_text("x")
+    for call in (lambda: fine_tune.check_output_dir(tmp_path / "model_output"),
+                 lambda: fine_tune.resolve_checkpoint("latest", tmp_path / "no-checkpoints")):
+        with pytest.raises(fine_tune.UsageError) as error:
+            call()
+        assert not isinstance(error.value, ChatDataError)
