@@ -91,7 +91,8 @@ TEST_DATA_PATH = _path("TEST_DATA_PATH", "data/test_data.jsonl")
 
 # --- Step 2: the base model ----------------------------------------------------------------------
 AZURE_BASE_MODEL_NAME = _str("AZURE_BASE_MODEL_NAME", "microsoft/Phi-3.5-mini-instruct")  # or microsoft/Phi-3-mini-4k-instruct
-# The local target fine-tunes a tiny Phi-3 (same architecture, random weights) built here in seconds.
+# The local target fine-tunes a tiny Phi-3 (same architecture, random weights) built here in seconds. A folder
+# that holds a model of your own (not built by stand_ins/tiny_model.py) is used as it is and never overwritten.
 LOCAL_BASE_MODEL_DIR = _path("LOCAL_BASE_MODEL_DIR", "models/tiny-phi3")
 BASE_MODEL_NAME = AZURE_BASE_MODEL_NAME if TARGET == "azure" else str(LOCAL_BASE_MODEL_DIR)
 

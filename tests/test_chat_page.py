@@ -5,8 +5,8 @@ Debian's chromedriver; nothing is downloaded. Without the browser the test is sk
 the variable CI is set), where it fails. The screenshot lands in <WORK_DIR>/screenshots/chat_page.png.
 """
 
+import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,12 +61,26 @@ def chat_server(demo_run):
             time.sleep(0.3)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # its own session: the server and anything it started
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_tree(process.pid)
+
+
+def stop_tree(pid, grace_s=15):
+    """Terminate a process and everything it started (psutil), then kill what is left after grace_s."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    family = [parent, *parent.children(recursive=True)]
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 @pytest.fixture

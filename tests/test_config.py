@@ -120,15 +120,3 @@ def test_dotenv_is_read_but_never_copied_into_the_environment(tmp_path):
     result = run_script("-c", script, env={"FINETUNE_PHI_ENV_FILE": str(env_file)})
     assert result.stdout.split() == ["7", "False", "False"], result.stderr
 
-
-def test_fresh_reads_dotenv_again_and_names_what_is_missing(tmp_path, monkeypatch):
-    env_file = tmp_path / ".env"
-    env_file.write_text("AZURE_ML_ENDPOINT=http://127.0.0.1:5001/score\n")
-    monkeypatch.setattr(config, "ENV_FILE", env_file)
-    monkeypatch.delenv("AZURE_ML_ENDPOINT", raising=False)
-    monkeypatch.delenv("AZURE_ML_API_KEY", raising=False)
-    with pytest.raises(config.MissingSettingsError, match="AZURE_ML_API_KEY") as error:
-        config.fresh("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY")
-    assert "AZURE_ML_ENDPOINT" not in str(error.value)
-    env_file.write_text("AZURE_ML_ENDPOINT=http://127.0.0.1:5002/score\nAZURE_ML_API_KEY=k2\n")  # a redeploy
-    assert config.fresh("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY") == ("http://127.0.0.1:5002/score", "k2")
