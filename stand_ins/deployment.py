@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import config
+from job_record import model_output_dir
 from safe_write import atomic_write_text, update_env_file
 from stand_ins import endpoint_process
 from stand_ins.model_registry import register_local_model
@@ -78,12 +79,14 @@ def smoke_test(endpoint, smoke_request, check_answer):
 
 def deploy_local(job, smoke_request, check_answer, foreground=False):
     """Start the new slot beside the live one while registering, smoke-test, switch .env, stop the old slot."""
-    from job_record import model_output_dir
-
     model_dir = model_output_dir(job)
     if not (model_dir / "MLmodel").is_file():
         raise StepError(f"No MLflow model in {config.shown(model_dir)}: run `python setup_ml.py` first.")
-    live = read_state()
+    try:
+        live = read_state()
+    except StepError as error:
+        raise StepError(f"{error}: run `python cleanup.py` (it stops what it can and removes the file), "
+                        "then deploy again.") from None
     if live and not endpoint_process.is_running(live):
         live = None  # stale record: that endpoint is gone
     slot = SLOTS[1 - SLOTS.index(live["slot"])] if live else SLOTS[0]

@@ -324,3 +324,13 @@ def test_cleanup_stops_the_endpoint_and_is_harmless_twice(demo_run):
     assert endpoint_state()["slot"] == "blue" and url == slot_url("blue")  # no live slot: blue again
     assert key not in restored.stdout + restored.stderr
     assert "Bill Gates" in tutorial_client(url, key, do_sample=False)
+
+
+def test_deploy_with_a_damaged_state_file_says_what_to_run(demo_run, tmp_path):
+    folder = tmp_path / "endpoint"
+    folder.mkdir()
+    (folder / "state.json").write_text("{half a reco")
+    result = run_script("deploy_model.py", env={"LOCAL_ENDPOINT_DIR": str(folder)}, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "state.json is damaged" in result.stderr and "python cleanup.py" in result.stderr
+    assert (folder / "state.json").read_text() == "{half a reco"  # nothing is changed behind the user's back
