@@ -3,15 +3,17 @@
 - `get_ml_client()`: the tutorial's client; checks the settings first (no network until they are filled in),
   then signs in with the Azure CLI's login.
 - `azure_errors()`: the usual sign-in and permission failures as one sentence that says what to do.
-- `validate(...)` / `yaml_of(...)`: offline checks of entities with azure-ai-ml's own schemas (dump -> load_*),
-  for the steps' --dry-run.
+- `check_name(...)`: Azure's naming rules, checked before any call (the SDK checks some only when it sends).
+- `validate(...)`: offline checks of entities with azure-ai-ml's own schemas (dump -> load_*), for --dry-run.
 - `wait_with_progress(...)`, `print_job_log_tail(...)`, `print_deployment_log_tail(...)`: waiting and logs.
+- blue/green housekeeping of an online endpoint: `next_slot`, `check_existing_endpoint`, `delete_if_failed`,
+  `retire_previous`.
 """
 
 import contextlib
 import copy
-import io
 import json
+import re
 import sys
 import tempfile
 import time
@@ -40,11 +42,16 @@ def get_ml_client():
 @contextlib.contextmanager
 def azure_errors():
     """Translate sign-in and permission failures into StepError with the next thing to do."""
-    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+    from azure.core.exceptions import (ClientAuthenticationError, HttpResponseError, ServiceRequestError,
+                                       ServiceResponseError)
     from azure.identity import CredentialUnavailableError
+
+    from azure.ai.ml.exceptions import MlException
 
     try:
         yield
+    except MlException as error:  # the SDK refused the request before sending it (ValidationException, ...)
+        raise StepError(f"azure-ai-ml refused the request: {first_line(error)}") from None
     except CredentialUnavailableError:
         raise StepError("Not signed in to Azure: run `az login` (or `az login --use-device-code`) and try again.") from None
     except ClientAuthenticationError as error:
@@ -53,7 +60,15 @@ def azure_errors():
             f"Azure refused the sign-in or the permission ({message}). Run `az login`, check that "
             f"AZURE_SUBSCRIPTION_ID is the subscription of {config.AZURE_ML_WORKSPACE_NAME}, and that you have access."
         ) from None
+    except (ServiceRequestError, ServiceResponseError) as error:  # DNS, TLS, a dropped connection, a timeout
+        raise StepError(f"Could not reach Azure ({type(error).__name__}: {first_line(error)}). Check your network "
+                        "(and proxy settings) and run the step again.") from None
     except HttpResponseError as error:  # after ClientAuthenticationError, its subclass
+        text = str(error)
+        if "already an endpoint with this name" in text or (error.status_code == 404 and "InferencingClientCallFailed" in text):
+            # Names are unique per region across subscriptions; a name deleted minutes ago answers 404 for a while.
+            raise StepError(f"The endpoint name {config.AZURE_ENDPOINT_NAME} is taken in this region (by anyone, or by "
+                            "an endpoint deleted minutes ago): choose another AZURE_ENDPOINT_NAME in .env.") from None
         if error.status_code != 403:
             raise
         message = str(error).splitlines()[0] if str(error) else "403 Forbidden"
@@ -63,7 +78,26 @@ def azure_errors():
         ) from None
 
 
-# --- Offline validation (--dry-run) -----------------------------------------------------------------
+def first_line(error):
+    """The first line of an exception's message (Azure's messages run to dozens of lines)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# --- Names and offline validation (--dry-run) -------------------------------------------------------
+# Online endpoints and deployments: 3-32 characters; computes: 3-24. A letter first, then letters, digits and
+# hyphens, no hyphen last. Endpoint names are also unique per region across all subscriptions.
+NAME_RULE = re.compile(r"[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9]")
+
+
+def check_name(value, setting, max_length, what):
+    """StepError naming `setting` unless `value` follows Azure's naming rule for `what`."""
+    if not (3 <= len(value) <= max_length and NAME_RULE.fullmatch(value)):
+        raise StepError(f"{setting} gives the {what} name {value!r} ({len(value)} characters): Azure needs 3 to "
+                        f"{max_length} characters, a letter first, then letters, digits and hyphens, and no hyphen "
+                        f"last. Set {setting} in .env.")
+
+
+
 def without_nulls(data):
     """A dumped entity with its null fields left out (the SDK's schemas refuse them when loading)."""
     if isinstance(data, dict):
@@ -114,13 +148,6 @@ def print_validated(entities):
         print(f"--- {title} (validated) ---\n{text}")
 
 
-def yaml_of(entity):
-    """An entity as the YAML azure-ai-ml would write for it."""
-    buffer = io.StringIO()
-    entity.dump(buffer)
-    return buffer.getvalue()
-
-
 # --- Waiting and logs -------------------------------------------------------------------------------
 def wait_with_progress(poller, what):
     """Wait for a long-running Azure operation, printing the elapsed time every PROGRESS_EVERY_S seconds."""
@@ -134,19 +161,25 @@ def wait_with_progress(poller, what):
     return result
 
 
+def rank_zero_first(path):
+    """Sort key: std_log.txt, then std_log_process_0*.txt (rank 0 of a distributed job), then the others."""
+    match = re.search(r"process_(\d+)", path.name)
+    return (int(match[1]) if match else -1, path.name)
+
+
 def print_job_log_tail(ml_client, job_name):
-    """Download a job's logs and print the last lines of its standard output."""
+    """Download a job's logs (not its outputs: a model is gigabytes) and print rank 0's standard output's tail."""
     with tempfile.TemporaryDirectory() as folder:
         try:
-            ml_client.jobs.download(job_name, download_path=folder, all=True)
+            ml_client.jobs.download(job_name, download_path=folder, all=False)
         except Exception as error:  # noqa: BLE001 - the job already failed; this is only extra detail
             print(f"(could not download the job's logs: {type(error).__name__}; open the studio link above)", file=sys.stderr)
             return
-        logs = sorted(Path(folder).rglob("std_log*.txt"))
+        logs = sorted(Path(folder).rglob("std_log*.txt"), key=rank_zero_first)
         if not logs:
             print("(no std_log.txt found in the job's logs; open the studio link above)")
             return
-        print_tail(logs[-1].read_text(encoding="utf-8", errors="replace").splitlines(), logs[-1].name)
+        print_tail(logs[0].read_text(encoding="utf-8", errors="replace").splitlines(), logs[0].name)
 
 
 def print_deployment_log_tail(ml_client, endpoint_name, deployment_name):
@@ -157,3 +190,54 @@ def print_deployment_log_tail(ml_client, endpoint_name, deployment_name):
         print(f"(could not fetch the deployment's logs: {type(error).__name__})", file=sys.stderr)
         return
     print_tail(logs.splitlines(), f"deployment {deployment_name}'s log")
+
+
+# --- Online endpoints: blue/green housekeeping ---------------------------------------------------------
+SLOTS = ("blue", "green")  # deployment names end in -blue / -green; the new one goes to the slot not serving
+
+
+def next_slot(endpoint):
+    """The blue/green slot for the new deployment: the one not carrying the traffic (blue for a new endpoint)."""
+    for name, share in (endpoint.traffic or {}).items():
+        if share and name.endswith(tuple(f"-{slot}" for slot in SLOTS)):
+            return SLOTS[1 - SLOTS.index(name.rsplit("-", 1)[1])]
+    return SLOTS[0]
+
+
+def check_existing_endpoint(endpoint):
+    """StepError for an endpoint that cannot take a deployment now, or whose keys the flow cannot use."""
+    state = (endpoint.provisioning_state or "Succeeded").lower()
+    if state == "failed":
+        raise StepError(f"Endpoint {endpoint.name} is in state Failed: delete it (`python cleanup.py`) and deploy again.")
+    if state != "succeeded":
+        raise StepError(f"Endpoint {endpoint.name} is still {endpoint.provisioning_state}: wait for it, then deploy again.")
+    if endpoint.auth_mode != "key":
+        raise StepError(f"Endpoint {endpoint.name} uses auth_mode {endpoint.auth_mode}, and the flow sends a key: choose "
+                        "another AZURE_ENDPOINT_NAME, or delete this endpoint (`python cleanup.py`).")
+
+
+def delete_if_failed(ml_client, endpoint, deployment_name):
+    """Delete a deployment whose provisioning failed and that has no traffic: Azure cannot update it, only re-create."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        existing = ml_client.online_deployments.get(name=deployment_name, endpoint_name=endpoint.name)
+    except ResourceNotFoundError:
+        return
+    if str(existing.provisioning_state).lower() == "failed" and not (endpoint.traffic or {}).get(deployment_name):
+        print(f"Deployment {deployment_name} failed before and cannot be updated; deleting it to re-create it ...")
+        wait_with_progress(ml_client.online_deployments.begin_delete(name=deployment_name, endpoint_name=endpoint.name),
+                           f"deleting {deployment_name}")
+
+
+def retire_previous(ml_client, endpoint, deployment_name, keep):
+    """Delete the deployments that had the traffic before (each holds quota and is billed), unless `keep`."""
+    for name in [name for name in (endpoint.traffic or {}) if name != deployment_name]:
+        if keep:
+            print(f"The previous deployment {name} still runs at 0% traffic and costs money: roll back with "
+                  f"`az ml online-endpoint update -n {endpoint.name} --traffic \"{name}=100\"`, or delete it with "
+                  f"`az ml online-deployment delete -n {name} -e {endpoint.name}`.")
+            continue
+        wait_with_progress(ml_client.online_deployments.begin_delete(name=name, endpoint_name=endpoint.name),
+                           f"deleting the previous deployment {name}")
+        print(f"Deleted the previous deployment {name} (0% traffic; --keep-previous keeps one for a rollback).")

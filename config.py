@@ -103,13 +103,20 @@ AZURE_COMPUTE_INSTANCE_TYPE = _str(
     "AZURE_COMPUTE_INSTANCE_TYPE", "Standard_E16s_v3" if USE_CPU_COMPUTE else "Standard_NC24ads_A100_v4"
 )  # 1x A100 80 GB; needs "Standard NCADSA100v4 Family Cluster Dedicated vCPUs" quota
 AZURE_COMPUTE_NAME = _str("AZURE_COMPUTE_NAME", "cpu-e16s-v3" if USE_CPU_COMPUTE else "gpu-nc24s-a100-v4")
-AZURE_COMPUTE_LOCATION = _str("AZURE_COMPUTE_LOCATION", "eastus2")  # where you have the quota
+# Empty: the workspace's own region (quota counts there). Another region makes a cross-region cluster
+# (preview: no private endpoints, data egress billed, quota counted in that region).
+AZURE_COMPUTE_LOCATION = _str("AZURE_COMPUTE_LOCATION", "")
 AZURE_COMPUTE_TIER = _str("AZURE_COMPUTE_TIER", "dedicated")  # "low_priority" is cheaper but can be pre-empted
 AZURE_COMPUTE_MIN_INSTANCES = _int("AZURE_COMPUTE_MIN_INSTANCES", 0)  # 0 = no cost while idle
 AZURE_COMPUTE_IDLE_SECONDS = _int("AZURE_COMPUTE_IDLE_SECONDS", 300)  # scale down after 5 idle minutes
+# Base images. Check for newer ones with `az ml environment list --registry-name azureml` (curated) and the
+# tags of https://mcr.microsoft.com/v2/azureml/<image>/tags/list; checked 2026-12-02:
+# - GPU: the tutorial's curated fine-tuning image (azureml registry, environment acft-hf-nlp-gpu).
+# - CPU: openmpi4.1.0-ubuntu22.04, listed in Azure/AzureML-Containers' README; the tutorial's
+#   openmpi4.1.0-ubuntu20.04 is retired with every Ubuntu 20.04 image.
 AZURE_TRAINING_IMAGE = _str(
     "AZURE_TRAINING_IMAGE",
-    "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu20.04:latest"
+    "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
     if USE_CPU_COMPUTE
     else "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:59",
 )
@@ -139,7 +146,9 @@ AZURE_DEPLOYMENT_NAME = _str("AZURE_DEPLOYMENT_NAME", "finetune-phi-deployment")
 AZURE_DEPLOYMENT_INSTANCE_TYPE = _str("AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_E4s_v3")  # 4 vCPU, 32 GiB, no quota
 AZURE_DEPLOYMENT_INSTANCE_COUNT = _int("AZURE_DEPLOYMENT_INSTANCE_COUNT", 1)
 # The deployment brings its own score.py and environment: no-code MLflow deployments keep breaking.
-AZURE_INFERENCE_IMAGE = _str("AZURE_INFERENCE_IMAGE", "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py311-cpu-inference:latest")
+# A supported inference base image (Microsoft's "prebuilt Docker images for inference" page, checked 2026-12-02;
+# "...-py311-cpu-inference" does not exist: ImageBuildFailure). scoring_dir/conda.yml brings its own Python 3.11.
+AZURE_INFERENCE_IMAGE = _str("AZURE_INFERENCE_IMAGE", "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest")
 MAX_CONCURRENT_REQUESTS_PER_INSTANCE = _int("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", 3)  # more wait, then 429
 # Local endpoint only: how long a request waits for a free slot before 429. (Azure deprecated its
 # max_queue_wait_ms request setting; deploy_model.py leaves it out.) Longer: fewer 429s, slower ones.

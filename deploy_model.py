@@ -22,13 +22,13 @@ import tempfile
 from pathlib import Path
 
 import config
-from azure_ml import azure_errors, get_ml_client, print_deployment_log_tail, print_validated, wait_with_progress
+from azure_ml import (SLOTS, azure_errors, check_existing_endpoint, check_name, delete_if_failed, get_ml_client,
+                      next_slot, print_deployment_log_tail, print_validated, retire_previous, wait_with_progress)
 from job_record import find_job, read_last_job
 from safe_write import update_env_file
 from step_errors import StepError, exit_with
 
 SCORING_DIR = config.PROJECT_DIR / "scoring_dir"
-SLOTS = ("blue", "green")  # deployment names end in -blue / -green; the new one goes to the slot not serving
 SMOKE_QUESTION = "Who founded Microsoft?"
 SMOKE_REQUEST = {"input_data": [SMOKE_QUESTION], "params": {"max_new_tokens": 64, "do_sample": False}}
 
@@ -48,12 +48,13 @@ def create_or_update_endpoint(ml_client, endpoint_name, description):
 
     try:
         endpoint = ml_client.online_endpoints.get(endpoint_name)
-        print(f"Using existing endpoint {endpoint_name} (traffic: {endpoint.traffic or {}})")
-        return endpoint
     except ResourceNotFoundError:  # only "not found": an auth error must not look like "missing"
         print(f"Creating endpoint {endpoint_name} ...")
         poller = ml_client.online_endpoints.begin_create_or_update(build_endpoint(endpoint_name, description))
         return wait_with_progress(poller, f"endpoint {endpoint_name}")
+    check_existing_endpoint(endpoint)
+    print(f"Using existing endpoint {endpoint_name} (traffic: {endpoint.traffic or {}})")
+    return endpoint
 
 
 def create_or_update_deployment(ml_client, endpoint_name, deployment_name, model):
@@ -71,11 +72,13 @@ def set_traffic_to_deployment(ml_client, endpoint_name, deployment_name):
     print(f"Traffic: {endpoint.traffic}")
 
 
-def deploy_azure(job_name):
+def deploy_azure(job_name, keep_previous=False):
     """The tutorial's main(), blue/green: register, endpoint, deployment, smoke request, traffic, then .env."""
-    from azure.core.exceptions import HttpResponseError
+    from azure.ai.ml.exceptions import MlException
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
     config.require(*config.AZURE_DEPLOY_SETTINGS)
+    check_names()
     ml_client = get_ml_client()
     endpoint_name = config.AZURE_ENDPOINT_NAME
     with azure_errors():
@@ -83,27 +86,30 @@ def deploy_azure(job_name):
         endpoint = create_or_update_endpoint(ml_client, endpoint_name, f"Phi-3 fine-tuned by {job_name}")
         deployment_name = f"{config.AZURE_DEPLOYMENT_NAME}-{next_slot(endpoint)}"
         try:  # unlike the tutorial, a failed deployment is reported and exits non-zero; traffic stays
+            delete_if_failed(ml_client, endpoint, deployment_name)
             create_or_update_deployment(ml_client, endpoint_name, deployment_name, model)
             answer = smoke_test_azure(ml_client, endpoint_name, deployment_name)
-        except (HttpResponseError, StepError, ValueError) as error:
+        except (HttpResponseError, ServiceRequestError, ServiceResponseError, MlException, StepError, ValueError,
+                KeyboardInterrupt) as error:
             if isinstance(error, HttpResponseError) and error.status_code in (401, 403):
                 raise  # a sign-in or permission problem, not a failed deployment: azure_errors() explains it
-            print(f"Deployment {deployment_name} failed: {error}", file=sys.stderr)
-            print_deployment_log_tail(ml_client, endpoint_name, deployment_name)
+            stopped = isinstance(error, KeyboardInterrupt)
+            print(f"\nStopped waiting: Azure goes on with {deployment_name} (`az ml online-deployment show -n "
+                  f"{deployment_name} -e {endpoint_name}`)." if stopped else f"Deployment {deployment_name} failed: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
+            if not stopped:
+                print_deployment_log_tail(ml_client, endpoint_name, deployment_name)
             print(f"Traffic was left as it was: {endpoint.traffic or {}}", file=sys.stderr)
-            return 1
+            return 130 if stopped else 1
         print(f"Smoke test: {SMOKE_QUESTION!r} -> {answer!r}")
         set_traffic_to_deployment(ml_client, endpoint_name, deployment_name)
         # The tutorial copies these from the studio's Consume tab by hand.
         scoring_uri = ml_client.online_endpoints.get(endpoint_name).scoring_uri
         key = ml_client.online_endpoints.get_keys(endpoint_name).primary_key
-    update_env_file(config.ENV_FILE, {"AZURE_ML_ENDPOINT": scoring_uri, "AZURE_ML_API_KEY": key})
-    print(f"Endpoint {endpoint_name} serves {deployment_name}: {scoring_uri}")
-    print(f"Wrote AZURE_ML_ENDPOINT and AZURE_ML_API_KEY to {config.shown(config.ENV_FILE)} (readable by you only).")
-    for name in [name for name in (endpoint.traffic or {}) if name != deployment_name]:
-        print(f"The previous deployment {name} still runs at 0% traffic and costs money: roll back with "
-              f"`az ml online-endpoint update -n {endpoint_name} --traffic \"{name}=100\"`, or delete it with "
-              f"`az ml online-deployment delete -n {name} -e {endpoint_name}`.")
+        update_env_file(config.ENV_FILE, {"AZURE_ML_ENDPOINT": scoring_uri, "AZURE_ML_API_KEY": key})
+        print(f"Endpoint {endpoint_name} serves {deployment_name}: {scoring_uri}")
+        print(f"Wrote AZURE_ML_ENDPOINT and AZURE_ML_API_KEY to {config.shown(config.ENV_FILE)} (readable by you only).")
+        retire_previous(ml_client, endpoint, deployment_name, keep_previous)
     print("Delete the endpoint when you are done, to stop the charges: python cleanup.py")
     return 0
 
@@ -171,13 +177,12 @@ def build_deployment(endpoint_name, deployment_name, model):
     )
 
 
-# --- Blue/green and the smoke request (not in the tutorial: a bad model never gets the traffic) ----------
-def next_slot(endpoint):
-    """The blue/green slot for the new deployment: the one not carrying the traffic (blue for a new endpoint)."""
-    for name, share in (endpoint.traffic or {}).items():
-        if share and name.endswith(tuple(f"-{slot}" for slot in SLOTS)):
-            return SLOTS[1 - SLOTS.index(name.rsplit("-", 1)[1])]
-    return SLOTS[0]
+# --- Names and the smoke request (not in the tutorial: a bad model never gets the traffic) ---------------
+def check_names():
+    """Azure's naming rules for the endpoint and both blue/green deployments, before anything is sent."""
+    check_name(config.AZURE_ENDPOINT_NAME, "AZURE_ENDPOINT_NAME", 32, "endpoint")
+    for slot in SLOTS:  # "-green" is one character longer than "-blue": both must fit
+        check_name(f"{config.AZURE_DEPLOYMENT_NAME}-{slot}", "AZURE_DEPLOYMENT_NAME", 32, "deployment")
 
 
 def smoke_test_azure(ml_client, endpoint_name, deployment_name):
@@ -202,6 +207,7 @@ def dry_run_azure(job_name):
     from azure.ai.ml import load_model, load_online_deployment, load_online_endpoint
 
     config.require(*config.AZURE_DEPLOY_SETTINGS)
+    check_names()
     model = build_model(config.AZURE_MODEL_NAME, job_name)
     endpoint = build_endpoint(config.AZURE_ENDPOINT_NAME, f"Phi-3 fine-tuned by {job_name}")
     deployment = build_deployment(config.AZURE_ENDPOINT_NAME, f"{config.AZURE_DEPLOYMENT_NAME}-{SLOTS[0]}", model)
@@ -217,6 +223,8 @@ def parse_args(argv=None):
     parser.add_argument("--job-name", default=None, help="the fine-tuning job to deploy (default: the last one setup_ml.py ran)")
     parser.add_argument("--dry-run", action="store_true", help="Azure: build and validate everything, deploy nothing")
     parser.add_argument("--foreground", action="store_true", help="local: keep the endpoint in this terminal")
+    parser.add_argument("--keep-previous", action="store_true",
+                        help="Azure: keep the previous deployment (at 0%% traffic, still billed) for a rollback")
     return parser.parse_args(argv)
 
 
@@ -230,7 +238,7 @@ def main(argv=None):
             return deploy_local(find_job(args.job_name, "local"), SMOKE_REQUEST, check_smoke_answer, args.foreground)
         if args.dry_run:
             return dry_run_azure(args.job_name or (read_last_job() or {}).get("name") or "<job-name>")
-        return deploy_azure(find_job(args.job_name, "azure")["name"])
+        return deploy_azure(find_job(args.job_name, "azure")["name"], args.keep_previous)
     except (StepError, config.MissingSettingsError) as error:
         return exit_with(error)
 

@@ -12,6 +12,11 @@ from safe_write import atomic_write_text
 from step_errors import StepError
 
 
+# Azure ML's job states before it ends (Completed, Failed, Canceled, NotResponding end it).
+UNFINISHED = {"NotStarted", "Queued", "Preparing", "Provisioning", "Starting", "Running", "Finalizing",
+              "CancelRequested"}
+
+
 def record_job(name, target, status, **details):
     """Write outputs/last_job.json (atomically) and return the record."""
     record = {"name": name, "target": target, "status": status, "recorded": datetime.now(timezone.utc).isoformat(),
@@ -45,8 +50,12 @@ def find_job(job_name, target):
     if record.get("target") != target:
         raise StepError(f"The last job, {record['name']}, ran with TARGET={record.get('target')}, not {target}: "
                         "run setup_ml.py for this target, or pass --job-name.")
-    if record.get("status") != "Completed":
-        raise StepError(f"The last job, {record['name']}, is {record.get('status')}, not Completed: "
+    status = record.get("status")
+    if status in UNFINISHED:  # rerunning setup_ml.py now would start a second job beside this one
+        raise StepError(f"The last job, {record['name']}, is still {status}: wait until it has completed "
+                        f"({record.get('studio_url') or 'see the studio'}), then run `python deploy_model.py` again.")
+    if status != "Completed":
+        raise StepError(f"The last job, {record['name']}, is {status}, not Completed: "
                         "run `python setup_ml.py` again (or pass --job-name).")
     return record
 

@@ -17,7 +17,8 @@ from datetime import datetime
 from pathlib import Path
 
 import config
-from azure_ml import azure_errors, get_ml_client, print_job_log_tail, print_validated, validate_job_bindings
+from azure_ml import (azure_errors, check_name, get_ml_client, print_job_log_tail, print_validated,
+                      validate_job_bindings)
 from job_record import record_job
 from step_errors import StepError, exit_with
 
@@ -37,11 +38,20 @@ def create_or_get_compute_cluster(ml_client, compute_name, instance_type, locati
 
     try:
         compute = ml_client.compute.get(compute_name)
-        print(f"Using compute cluster {compute_name} ({compute.size})")
-        return compute
     except ResourceNotFoundError:  # only "not found": an auth or network error must not look like "missing"
-        print(f"Creating compute cluster {compute_name} ({instance_type} in {location}) ...")
+        print(f"Creating compute cluster {compute_name} ({instance_type} in {location or 'the workspace region'}) ...")
         return ml_client.compute.begin_create_or_update(build_compute_cluster(compute_name, instance_type, location)).result()
+    # Unlike the tutorial, an existing cluster is checked: the wrong size trains on the wrong hardware, a small
+    # max_instances queues a multi-node job forever.
+    if compute.type != "amlcompute" or (compute.size or "").lower() != instance_type.lower():
+        raise StepError(f"Compute {compute_name} exists as {compute.type} {compute.size}, not amlcompute {instance_type}: "
+                        "set AZURE_COMPUTE_NAME to a new name (or AZURE_COMPUTE_INSTANCE_TYPE to its size).")
+    print(f"Using compute cluster {compute_name} ({compute.size})")
+    if (compute.max_instances or 0) < config.INSTANCE_COUNT:
+        print(f"Raising its max_instances from {compute.max_instances} to {config.INSTANCE_COUNT} (INSTANCE_COUNT) ...")
+        compute.max_instances = config.INSTANCE_COUNT
+        compute = ml_client.compute.begin_create_or_update(compute).result()
+    return compute
 
 
 def create_fine_tuning_job(env, compute_name, job_name=None):
@@ -49,8 +59,9 @@ def create_fine_tuning_job(env, compute_name, job_name=None):
     from azure.ai.ml import Input, Output, PyTorchDistribution, command
     from azure.ai.ml.constants import AssetTypes
 
+    # On a GPU SKU the job stops with the reason when torch sees no GPU, instead of training on the CPU.
     args = training_command("${{inputs.train_file}}", "${{inputs.eval_file}}", "${{outputs.model_output}}",
-                            ["--model-name", config.AZURE_BASE_MODEL_NAME])
+                            ["--model-name", config.AZURE_BASE_MODEL_NAME, *([] if config.USE_CPU_COMPUTE else ["--require-gpu"])])
     distributed = config.INSTANCE_COUNT > 1 or config.PROCESSES_PER_NODE > 1
     return command(
         name=job_name,
@@ -82,23 +93,30 @@ def run_azure_job(job_name):
         environment = create_or_get_environment(ml_client)
         create_or_get_compute_cluster(ml_client, config.AZURE_COMPUTE_NAME, config.AZURE_COMPUTE_INSTANCE_TYPE,
                                       config.AZURE_COMPUTE_LOCATION)
+        check_processes_per_node(ml_client, config.AZURE_COMPUTE_INSTANCE_TYPE)
         job = ml_client.jobs.create_or_update(create_fine_tuning_job(environment, config.AZURE_COMPUTE_NAME, job_name))
         record_job(job.name, "azure", job.status, studio_url=job.studio_url, workspace=config.AZURE_ML_WORKSPACE_NAME)
         print(f"Submitted job {job.name}\nStudio: {job.studio_url}")
+        failure = None
         try:
             ml_client.jobs.stream(job.name)
-        except JobException:
-            pass  # the status check below reports it, with the log's tail
-        except KeyboardInterrupt:
-            print(f"\nStopped streaming. The job keeps running in Azure ML; cancel it with\n"
-                  f"  az ml job cancel --name {job.name} --workspace-name {config.AZURE_ML_WORKSPACE_NAME} "
-                  f"--resource-group {config.AZURE_RESOURCE_GROUP_NAME}\nor from the studio link above.")
-            return 130
+        except (JobException, KeyboardInterrupt) as error:
+            # The SDK wraps Ctrl+C as JobException(...) from KeyboardInterrupt, and puts a failed job's reason
+            # only in the exception's message (it prints nothing itself).
+            if isinstance(error, KeyboardInterrupt) or isinstance(error.__cause__, KeyboardInterrupt):
+                record_job(job.name, "azure", "Running", studio_url=job.studio_url, workspace=config.AZURE_ML_WORKSPACE_NAME)
+                print(f"\nStopped streaming. The job keeps running in Azure ML; cancel it with\n"
+                      f"  az ml job cancel --name {job.name} --workspace-name {config.AZURE_ML_WORKSPACE_NAME} "
+                      f"--resource-group {config.AZURE_RESOURCE_GROUP_NAME}\nor from the studio link above. Once it "
+                      "has completed, run `python deploy_model.py`.")
+                return 130
+            failure = str(error).strip()
         # jobs.stream() returns normally for a cancelled job: the status says how it ended.
         status = ml_client.jobs.get(job.name).status
         record_job(job.name, "azure", status, studio_url=job.studio_url, workspace=config.AZURE_ML_WORKSPACE_NAME)
         if status != "Completed":
-            print(f"Job {job.name} ended with status {status}.", file=sys.stderr)
+            print(f"Job {job.name} ended with status {status}." + (f" Azure ML says: {failure}" if failure else ""),
+                  file=sys.stderr)
             print_job_log_tail(ml_client, job.name)
             return 1
     print(f"Job {job.name} completed. Next: python deploy_model.py")
@@ -126,12 +144,21 @@ def build_compute_cluster(compute_name, instance_type, location):
         name=compute_name,
         type="amlcompute",
         size=instance_type,
-        location=location,
+        location=location or None,  # None: the workspace's region
         tier=config.AZURE_COMPUTE_TIER,
         min_instances=config.AZURE_COMPUTE_MIN_INSTANCES,
         max_instances=max(config.AZURE_COMPUTE_MAX_INSTANCES, config.INSTANCE_COUNT),
         idle_time_before_scale_down=config.AZURE_COMPUTE_IDLE_SECONDS,
     )
+
+
+def check_processes_per_node(ml_client, instance_type):
+    """Refuse more processes per node than the SKU has GPUs (ranks without a GPU fail); CPU SKUs are not limited."""
+    sizes = {size.name.lower(): size for size in ml_client.compute.list_sizes(location=config.AZURE_COMPUTE_LOCATION or None)}
+    gpus = getattr(sizes.get(instance_type.lower()), "gpus", None)
+    if isinstance(gpus, int) and 0 < gpus < config.PROCESSES_PER_NODE:
+        raise StepError(f"{instance_type} has {gpus} GPU(s) per node: PROCESSES_PER_NODE={config.PROCESSES_PER_NODE} "
+                        f"would start ranks without one. Set PROCESSES_PER_NODE to {gpus} (one process per GPU).")
 
 
 def training_command(train_file, eval_file, model_output_dir, extra_args=()):
@@ -184,6 +211,7 @@ def main(argv=None):
             command = training_command(str(config.TRAIN_DATA_PATH), str(config.TEST_DATA_PATH), str(model_output))
             return job_runner.run_local_job(job_name, command, dry_run=args.dry_run)
         config.require(*config.AZURE_WORKSPACE_SETTINGS)
+        check_name(config.AZURE_COMPUTE_NAME, "AZURE_COMPUTE_NAME", 24, "compute cluster")
         check_data_files()
         return dry_run(job_name) if args.dry_run else run_azure_job(job_name)
     except (StepError, config.MissingSettingsError) as error:

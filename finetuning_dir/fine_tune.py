@@ -55,6 +55,9 @@ def parse_args(argv=None):
     model.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
                        help="sdpa: PyTorch's fused attention, the same maths as the tutorial's eager, measured 1.37x "
                             "faster (docs/benchmarks.md); flash_attention_2 needs the flash-attn package")
+    model.add_argument("--require-gpu", action="store_true",
+                       help="stop with the reason when torch sees no GPU, instead of training on the CPU "
+                            "(setup_ml.py passes it on GPU clusters)")
     model.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 trains every weight (needs an 80 GB GPU for Phi-3.5-mini)")
     model.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling; usually 2x the rank")
     model.add_argument("--lora-dropout", type=float, default=0.05)
@@ -271,6 +274,12 @@ def main(argv=None):
 
     transformers_logging.set_verbosity_error()
     use_cpu = not torch.cuda.is_available()
+    if use_cpu and args.require_gpu:
+        print(f"error: --require-gpu, and torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no GPU: "
+              "the GPU driver may be older than that CUDA build (see the warning above) or the node has no GPU. "
+              "Install a torch built for the node's CUDA (conda.yml), or drop --require-gpu to train on the CPU.",
+              file=sys.stderr)
+        return 3
     use_bf16 = not use_cpu and torch.cuda.is_bf16_supported()  # A100/H100 yes; CPU and older GPUs: fp32
 
     # --- Load the base model ---

@@ -123,7 +123,7 @@ def mock_ml_client(*, job_status="Completed", compute_exists=True):
 
     client.environments.create_or_update.side_effect = lambda environment: environment
     if compute_exists:
-        client.compute.get.side_effect = lambda name: AmlCompute(name=name, size="Standard_NC24ads_A100_v4")
+        client.compute.get.side_effect = lambda name: AmlCompute(name=name, size="Standard_NC24ads_A100_v4", max_instances=1)
     else:
         client.compute.get.side_effect = ResourceNotFoundError("ComputeNotFound: the compute does not exist")
     client.compute.begin_create_or_update.side_effect = poller

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import yaml
@@ -64,7 +65,7 @@ DEPLOY_DEFAULTS = {
     "AZURE_DEPLOYMENT_NAME": "finetune-phi-deployment",
     "AZURE_DEPLOYMENT_INSTANCE_TYPE": "Standard_E4s_v3",
     "AZURE_DEPLOYMENT_INSTANCE_COUNT": 1,
-    "AZURE_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py311-cpu-inference:latest",
+    "AZURE_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest",
     "MAX_CONCURRENT_REQUESTS_PER_INSTANCE": 3,
     "REQUEST_TIMEOUT_MS": 180000,
     "AZURE_COMPUTE_NAME": "gpu-nc24s-a100-v4",
@@ -153,7 +154,7 @@ def test_job_name_option_overrides_the_record(service, capsys):
 
 @pytest.mark.parametrize("status, target, expected", [
     ("Failed", "azure", "is Failed, not Completed"),
-    ("Running", "azure", "is Running, not Completed"),
+    ("Running", "azure", "is still Running: wait until it has completed"),
     ("Completed", "local", "ran with TARGET=local, not azure"),
 ], ids=["failed", "running", "local-job"])
 def test_unusable_recorded_job_stops_before_azure(azure, monkeypatch, capsys, status, target, expected):
@@ -162,7 +163,10 @@ def test_unusable_recorded_job_stops_before_azure(azure, monkeypatch, capsys, st
     code, out, err = run_main(capsys)
     assert code == 1
     assert f"The last job, {JOB}, {expected}" in err
-    assert "--job-name" in err
+    if status == "Running":  # rerunning setup_ml.py would start a second A100 job beside the running one
+        assert "setup_ml.py" not in err and "then run `python deploy_model.py` again" in err
+    else:
+        assert "--job-name" in err
     assert "Traceback" not in out + err
 
 
@@ -176,7 +180,7 @@ def test_no_recorded_job_says_what_to_run(azure, monkeypatch, capsys):
 
 # --- The endpoint: reused, never deleted; created only when it does not exist -----------------------------
 def test_existing_endpoint_is_reused_and_gets_the_other_slot(service, capsys):
-    code, out, err = run_main(capsys)
+    code, out, err = run_main(capsys, "--keep-previous")
     assert code == 0, err
     service.client.online_endpoints.begin_delete.assert_not_called()
     service.client.online_deployments.begin_delete.assert_not_called()
@@ -485,3 +489,132 @@ def test_cleanup_auth_failure_is_explained(service, capsys):
     assert code == 1
     service.client.online_endpoints.begin_delete.assert_not_called()
     assert "az login" in err and "Traceback" not in out + err
+
+
+# --- The Azure road (issue 15) -------------------------------------------------------------------------------
+def test_the_deployment_image_is_a_supported_one(azure, monkeypatch, capsys):
+    forbid_ml_client(monkeypatch, deploy_model)
+    code, out, err = run_main(capsys, "--dry-run")
+    assert code == 0, err
+    image = validated_yaml_blocks(out)["Deployment"]["environment"]["image"]
+    # Microsoft's supported inference images; "...-py311-cpu-inference" does not exist (ImageBuildFailure).
+    assert image == "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest"
+
+
+def test_the_default_images_in_config_are_supported_ones(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not (k.isupper() and hasattr(config, k))}
+    env.update(FINETUNE_PHI_ENV_FILE=str(tmp_path / "absent.env"), USE_CPU_COMPUTE="true")
+    code = "import config; print(config.AZURE_TRAINING_IMAGE, config.AZURE_INFERENCE_IMAGE, repr(config.AZURE_COMPUTE_LOCATION))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.split() == ["mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest",
+                                     "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest", "''"]
+
+
+def test_a_slot_whose_first_provisioning_failed_is_deleted_and_re_created(service, capsys):
+    # As the service returns it (provisioning_state is read-only on the entity).
+    failed = mock.NonCallableMagicMock(spec=ManagedOnlineDeployment, provisioning_state="Failed")
+    service.client.online_deployments.get.side_effect = lambda name, endpoint_name: failed
+    code, out, err = run_main(capsys)
+    assert code == 0, err
+    names = [name for name, _args, _kwargs in service.client.mock_calls]
+    delete = names.index("online_deployments.begin_delete")
+    assert delete < names.index("online_deployments.begin_create_or_update")
+    assert service.client.mock_calls[delete].kwargs == {"name": GREEN, "endpoint_name": ENDPOINT}
+    assert f"Deployment {GREEN} failed before and cannot be updated" in out
+
+
+def test_a_slot_that_carries_traffic_is_never_deleted_even_if_failed(service, capsys):
+    service.endpoints[ENDPOINT] = {BLUE: 5, GREEN: 95}  # blue is live: the new one goes to green
+    failed = mock.NonCallableMagicMock(spec=ManagedOnlineDeployment, provisioning_state="Failed")
+    service.client.online_deployments.get.side_effect = lambda name, endpoint_name: failed
+    code, _out, err = run_main(capsys, "--keep-previous")
+    assert code == 0, err
+    service.client.online_deployments.begin_delete.assert_not_called()
+
+
+@pytest.mark.parametrize("error", [
+    "MlException", "ServiceResponseError", "ServiceRequestError", "ValidationException",
+])
+def test_sdk_and_transport_errors_keep_the_traffic_and_show_the_log(service, azure, capsys, error):
+    from azure.ai.ml.exceptions import ErrorTarget, MlException, ValidationException
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+
+    raised = {"MlException": MlException(message="invoke failed", no_personal_data_message="invoke failed"),
+              "ServiceResponseError": ServiceResponseError("Connection aborted"),
+              "ServiceRequestError": ServiceRequestError("read timed out"),
+              "ValidationException": ValidationException(message="bad deployment", no_personal_data_message="bad",
+                                                         target=ErrorTarget.ONLINE_DEPLOYMENT)}
+    if error == "ValidationException":
+        service.client.online_deployments.begin_create_or_update.side_effect = raised[error]
+    else:
+        service.client.online_endpoints.invoke.side_effect = raised[error]
+    code, out, err = run_main(capsys)
+    assert code == 1
+    assert f"Deployment {GREEN} failed: {error}" in err and DEPLOYMENT_LOG[-1] in err
+    assert "Traffic was left as it was" in err
+    assert "Traceback" not in out + err.replace(DEPLOYMENT_LOG[1], "")  # only the deployment log's own traceback
+    assert service.endpoints == {ENDPOINT: {BLUE: 100}}
+    assert azure.env_file.read_text(encoding="utf-8") == ENV_BEFORE
+
+
+def test_ctrl_c_during_the_deployment_says_azure_goes_on(service, capsys):
+    service.client.online_deployments.begin_create_or_update.side_effect = KeyboardInterrupt
+    code, out, err = run_main(capsys)
+    assert code == 130
+    assert f"Azure goes on with {GREEN}" in err and "Traffic was left as it was" in err
+    assert "Traceback" not in out + err and service.endpoints == {ENDPOINT: {BLUE: 100}}
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("AZURE_ENDPOINT_NAME", "an-endpoint-name-that-is-33-chars"),
+    ("AZURE_ENDPOINT_NAME", "ep"),
+    ("AZURE_ENDPOINT_NAME", "phi3_endpoint"),
+    ("AZURE_DEPLOYMENT_NAME", "a-deployment-name-of-27-cha"),  # -blue fits in 32, -green does not
+])
+def test_bad_names_are_refused_before_any_call_and_in_the_dry_run(azure, monkeypatch, capsys, setting, value):
+    monkeypatch.setattr(config, setting, value)
+    forbid_ml_client(monkeypatch, deploy_model)
+    for argv in ((), ("--dry-run",)):
+        code, out, err = run_main(capsys, *argv)
+        assert code == 1 and setting in err and "3 to 32 characters" in err and "Traceback" not in out + err
+
+
+def test_a_taken_endpoint_name_says_choose_another(service, capsys):
+    service.endpoints.clear()
+    response = mock.Mock(status_code=400, reason="Bad Request")
+    response.text.return_value = ""
+    taken = HttpResponseError(response=response, message=(
+        "(BadRequest) The request is invalid.\nCode: BadRequest\nException Details:\t(InferencingClientCallFailed) "
+        '{"errors":{"":["There is already an endpoint with this name, Endpoint name needs to be unique within a '
+        'region. Try some other name."]},"title":"One or more validation errors occurred."}'))
+    service.client.online_endpoints.begin_create_or_update.side_effect = taken
+    code, out, err = run_main(capsys)
+    assert code == 1
+    assert f"The endpoint name {ENDPOINT} is taken" in err and "choose another AZURE_ENDPOINT_NAME" in err
+    assert "Traceback" not in out + err
+    service.client.online_deployments.begin_create_or_update.assert_not_called()
+
+
+def test_the_previous_slot_is_retired_after_the_new_one_has_the_traffic(service, capsys):
+    code, out, err = run_main(capsys)
+    assert code == 0, err
+    names = [name for name, _args, _kwargs in service.client.mock_calls]
+    switch = names.index("online_endpoints.begin_create_or_update")
+    delete = names.index("online_deployments.begin_delete")
+    assert switch < delete
+    assert service.client.mock_calls[delete].kwargs == {"name": BLUE, "endpoint_name": ENDPOINT}
+    assert f"Deleted the previous deployment {BLUE}" in out and "--keep-previous" in out
+
+
+@pytest.mark.parametrize("state, auth_mode, says", [
+    ("Failed", "key", "is in state Failed"),
+    ("Creating", "key", "is still Creating"),
+    ("Succeeded", "aml_token", "uses auth_mode aml_token"),
+])
+def test_an_existing_endpoint_that_cannot_be_used_is_refused(service, capsys, state, auth_mode, says):
+    service.client.online_endpoints.get.side_effect = lambda name, **kwargs: ManagedOnlineEndpoint(
+        name=name, auth_mode=auth_mode, traffic={BLUE: 100}, provisioning_state=state)
+    code, out, err = run_main(capsys)
+    assert code == 1 and says in err and "Traceback" not in out + err
+    service.client.online_deployments.begin_create_or_update.assert_not_called()

@@ -75,8 +75,8 @@ def test_inference_environment_pins_every_import_of_score():
 def test_conda_files_agree_with_requirements():
     for path in (PROJECT_DIR / "conda.yml", PROJECT_DIR / "scoring_dir" / "conda.yml"):
         for name, version in conda_pip_pins(path).items():
-            if name in REQUIREMENTS:
-                assert REQUIREMENTS[name] == version, f"{path.name}: {name}=={version}, requirements.txt has {REQUIREMENTS[name]}"
+            if name in REQUIREMENTS:  # a local label (+cu126, +cpu) names the build of the same release
+                assert REQUIREMENTS[name] == version.split("+")[0], f"{path.name}: {name}=={version}, requirements.txt has {REQUIREMENTS[name]}"
 
 
 def test_installed_versions_match_the_pins():
@@ -84,3 +84,21 @@ def test_installed_versions_match_the_pins():
 
     for name, pinned in REQUIREMENTS.items():
         assert version(name).split("+")[0] == pinned, name
+
+
+def conda_pip_lines(path):
+    """The pip section of a conda environment file, as written."""
+    spec = yaml.safe_load(path.read_text())
+    return next(item["pip"] for item in spec["dependencies"] if isinstance(item, dict) and "pip" in item)
+
+
+def test_the_training_torch_is_the_cuda_build_the_a100_driver_runs():
+    # PyPI's torch 2.13.0 is built for CUDA 13.0; Azure's A100 nodes' driver runs CUDA 12.8 at most.
+    lines = conda_pip_lines(PROJECT_DIR / "conda.yml")
+    assert "--extra-index-url https://download.pytorch.org/whl/cu126" in lines
+    assert pins(lines)["torch"] == "2.13.0+cu126"
+
+
+def test_the_cpu_inference_environment_takes_the_cpu_torch():
+    lines = conda_pip_lines(PROJECT_DIR / "scoring_dir" / "conda.yml")
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines and pins(lines)["torch"] == "2.13.0+cpu"

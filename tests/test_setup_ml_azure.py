@@ -54,7 +54,7 @@ GPU_DEFAULTS = {
     "AZURE_COMPUTE_INSTANCE_TYPE": GPU_SIZE,
     "AZURE_COMPUTE_NAME": GPU_COMPUTE,
     "AZURE_TRAINING_IMAGE": GPU_IMAGE,
-    "AZURE_COMPUTE_LOCATION": "eastus2",
+    "AZURE_COMPUTE_LOCATION": "",
     "AZURE_COMPUTE_TIER": "dedicated",
     "AZURE_COMPUTE_MIN_INSTANCES": 0,
     "AZURE_COMPUTE_MAX_INSTANCES": 1,
@@ -69,7 +69,7 @@ GPU_DEFAULTS = {
 CPU_DEFAULTS = {
     "AZURE_COMPUTE_INSTANCE_TYPE": "Standard_E16s_v3",
     "AZURE_COMPUTE_NAME": "cpu-e16s-v3",
-    "AZURE_TRAINING_IMAGE": "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu20.04:latest",
+    "AZURE_TRAINING_IMAGE": "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest",
 }
 LOG_LINES = [f"step {i}: loss {2.0 - i / 100:.2f}" for i in range(40)] + ["LAST LINE: the job was canceled by the user"]
 
@@ -145,7 +145,8 @@ def test_missing_compute_is_created_and_waited_for(client, capsys):
     client.compute.get.assert_called_once_with(GPU_COMPUTE)
     cluster = only_call_arg(client.compute.begin_create_or_update)
     assert isinstance(cluster, AmlCompute)
-    assert (cluster.name, cluster.size, cluster.location, cluster.tier) == (GPU_COMPUTE, GPU_SIZE, "eastus2", "dedicated")
+    # No forced region: the SDK then uses the workspace's (a location makes a cross-region cluster).
+    assert (cluster.name, cluster.size, cluster.location, cluster.tier) == (GPU_COMPUTE, GPU_SIZE, None, "dedicated")
     assert cluster.min_instances == 0
     assert cluster.max_instances >= config.INSTANCE_COUNT >= 1
     lro.result.assert_called_once_with()  # the cluster exists before the job is submitted
@@ -320,7 +321,7 @@ def test_canceled_job_exits_non_zero_with_the_log_tail(client, azure, capsys):
     client.jobs.download.assert_called_once()
     args, kwargs = client.jobs.download.call_args
     assert (args[0] if args else kwargs["name"]) == JOB
-    assert kwargs.get("all") is True
+    assert kwargs.get("all") is False  # the logs, not the outputs: a cancelled job's model is gigabytes
     assert err.rstrip().splitlines()[-1] == LOG_LINES[-1]
     assert LOG_LINES[0] not in err  # a tail, not the whole log
     assert json.loads(azure.last_job.read_text(encoding="utf-8"))["status"] == "Canceled"
@@ -406,3 +407,105 @@ def test_not_signed_in_says_az_login(client, capsys):
     assert "az login" in err
     assert "Traceback" not in out + err
     client.jobs.create_or_update.assert_not_called()
+
+
+# --- The Azure road (issue 15): what users paying for Azure hit ---------------------------------------------
+def test_a_failed_job_shows_the_services_reason(client, azure, capsys):
+    # The SDK puts the service's error only in the JobException's message; it prints nothing itself.
+    client.jobs.stream.side_effect = JobException("ImageBuildFailure: base image does not exist", "Job failed")
+    client.jobs.get.side_effect = lambda name: azure_mocks.submitted_job(name, "Failed")
+    code, _out, err = run_main(capsys)
+    assert code == 1
+    assert f"Job {JOB} ended with status Failed." in err and "ImageBuildFailure: base image does not exist" in err
+
+
+def test_ctrl_c_wrapped_by_the_sdk_leaves_the_job_running_and_recorded_as_running(client, azure, capsys):
+    def stream(name):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:  # what azure-ai-ml 1.35 does in jobs.stream()
+            raise JobException("Stream interrupted", "Stream interrupted") from interrupt
+
+    client.jobs.stream.side_effect = stream
+    code, out, err = run_main(capsys)
+    assert code == 130
+    assert "keeps running" in out and f"az ml job cancel --name {JOB}" in out
+    client.jobs.begin_cancel.assert_not_called()
+    assert json.loads(azure.last_job.read_text())["status"] == "Running"
+
+
+def test_an_existing_cluster_of_another_size_is_refused(client, capsys):
+    client.compute.get.side_effect = lambda name: AmlCompute(name=name, size="Standard_E16s_v3", max_instances=1)
+    code, out, err = run_main(capsys)
+    assert code == 1
+    assert "exists as amlcompute Standard_E16s_v3, not amlcompute Standard_NC24ads_A100_v4" in err
+    assert "AZURE_COMPUTE_NAME" in err and "Traceback" not in out + err
+    client.jobs.create_or_update.assert_not_called()
+
+
+def test_an_existing_cluster_gets_the_max_instances_a_multi_node_job_needs(client, monkeypatch, capsys):
+    monkeypatch.setattr(config, "INSTANCE_COUNT", 2)
+    code, out, err = run_main(capsys)  # the cluster says max_instances=1
+    assert code == 0, err
+    updated = only_call_arg(client.compute.begin_create_or_update)
+    assert (updated.name, updated.max_instances) == (GPU_COMPUTE, 2)
+    assert "Raising its max_instances from 1 to 2" in out
+
+
+def test_more_processes_per_node_than_the_sku_has_gpus_is_refused(client, monkeypatch, capsys):
+    from azure.ai.ml.entities import VmSize
+
+    monkeypatch.setattr(config, "PROCESSES_PER_NODE", 2)
+    client.compute.list_sizes.return_value = [VmSize(name="Standard_NC24ads_A100_v4", gpus=1),
+                                              VmSize(name="Standard_ND96asr_v4", gpus=8)]
+    code, _out, err = run_main(capsys)
+    assert code == 1
+    assert "Standard_NC24ads_A100_v4 has 1 GPU(s) per node" in err and "PROCESSES_PER_NODE to 1" in err
+    client.jobs.create_or_update.assert_not_called()
+
+
+@pytest.mark.parametrize("name", ["gp", "a-compute-name-of-25-char", "gpu_cluster", "9gpu", "gpu-"])
+def test_a_bad_compute_name_is_refused_before_any_call(azure, monkeypatch, capsys, name):
+    monkeypatch.setattr(config, "AZURE_COMPUTE_NAME", name)
+    forbid_ml_client(monkeypatch, setup_ml)
+    for argv in ((), ("--dry-run",)):
+        code, out, err = run_main(capsys, *argv)
+        assert code == 1 and "AZURE_COMPUTE_NAME" in err and "3 to 24 characters" in err
+
+
+def test_a_gpu_job_refuses_to_train_on_the_cpu(client, monkeypatch, capsys):
+    code, _out, err = run_main(capsys)
+    assert code == 0, err
+    assert "--require-gpu" in submitted(client).command
+    monkeypatch.setattr(config, "USE_CPU_COMPUTE", True)
+    client.jobs.create_or_update.reset_mock()
+    assert run_main(capsys)[0] == 0
+    assert "--require-gpu" not in submitted(client).command
+
+
+def test_fine_tune_with_require_gpu_stops_with_the_reason_on_a_machine_without_one(tmp_path):
+    from azure_mocks import write_jsonl
+
+    data = write_jsonl(tmp_path / "chats.jsonl")
+    result = subprocess.run([sys.executable, str(PROJECT_DIR / "finetuning_dir" / "fine_tune.py"), "--train-file", str(data),
+                             "--eval-file", str(data), "--model_output_dir", str(tmp_path / "out"), "--require-gpu",
+                             "--model-name", str(tmp_path / "never-loaded")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "sees no GPU" in result.stderr and "CUDA build" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_log_tail_is_rank_zeros(client, azure, capsys):
+    client.jobs.get.side_effect = lambda name: azure_mocks.submitted_job(name, "Failed")
+
+    def download(name, *, download_path=".", output_name=None, all=False):  # noqa: A002 - the SDK's name
+        folder = os.path.join(download_path, "user_logs")
+        os.makedirs(folder, exist_ok=True)
+        for rank in (1, 0, 2):
+            with open(os.path.join(folder, f"std_log_process_{rank}.txt"), "w") as log:
+                log.write(f"rank {rank} says goodbye\n")
+
+    client.jobs.download.side_effect = download
+    code, _out, err = run_main(capsys)
+    assert code == 1
+    assert "std_log_process_0.txt" in err and "rank 0 says goodbye" in err and "rank 1" not in err
