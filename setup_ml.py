@@ -43,8 +43,9 @@ def create_or_get_compute_cluster(ml_client, compute_name, instance_type, locati
         return ml_client.compute.begin_create_or_update(build_compute_cluster(compute_name, instance_type, location)).result()
     # Unlike the tutorial, an existing cluster is checked: the wrong size trains on the wrong hardware, a small
     # max_instances queues a multi-node job forever.
-    if compute.type != "amlcompute" or (compute.size or "").lower() != instance_type.lower():
-        raise StepError(f"Compute {compute_name} exists as {compute.type} {compute.size}, not amlcompute {instance_type}: "
+    size = getattr(compute, "size", None) or ""  # a Kubernetes or attached compute has no size
+    if compute.type != "amlcompute" or size.lower() != instance_type.lower():
+        raise StepError(f"Compute {compute_name} exists as {compute.type} {size}, not amlcompute {instance_type}: "
                         "set AZURE_COMPUTE_NAME to a new name (or AZURE_COMPUTE_INSTANCE_TYPE to its size).")
     print(f"Using compute cluster {compute_name} ({compute.size})")
     if (compute.max_instances or 0) < config.INSTANCE_COUNT:

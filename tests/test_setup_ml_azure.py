@@ -360,6 +360,7 @@ def test_dry_run_prints_validated_yaml_without_any_sdk_call(azure, monkeypatch, 
     assert (blocks["Environment"]["name"], blocks["Environment"]["image"]) == ("phi-3-training-environment", GPU_IMAGE)
     cluster = blocks["Compute cluster"]
     assert (cluster["name"], cluster["size"], cluster["type"]) == (GPU_COMPUTE, GPU_SIZE, "amlcompute")
+    assert "location" not in cluster  # the workspace's region: no cross-region cluster
     job = blocks["Command job"]  # the YAML of a command job (`az ml job create -f` reads it), not a pipeline node
     assert job["type"] == "command"
     assert "--train-file ${{inputs.train_file}}" in job["command"]
