@@ -155,6 +155,15 @@ MAX_CONCURRENT_REQUESTS_PER_INSTANCE = _int("MAX_CONCURRENT_REQUESTS_PER_INSTANC
 MAX_QUEUE_WAIT_MS = _int("MAX_QUEUE_WAIT_MS", 500)
 REQUEST_TIMEOUT_MS = _int("REQUEST_TIMEOUT_MS", 180000)  # a CPU answer from Phi-3.5-mini takes minutes
 MAX_NEW_TOKENS_LIMIT = _int("MAX_NEW_TOKENS_LIMIT", 512)  # ceiling for a request's max_new_tokens
+# Inputs (questions or conversations) one request may carry; more get 413. Phi-3.5-mini on a Standard_E4s_v3
+# answers 4 inputs x 128 new tokens in ~85 s (one batch; ~2 tokens/s), within the 180 s request timeout.
+MAX_INPUTS_PER_REQUEST = _int("MAX_INPUTS_PER_REQUEST", 4)
+# Azure's inference server runs score.py in gunicorn sync workers: one request at a time each, and each loads
+# its own copy of the model. Standard_E4s_v3: 32 GiB - ~2 GiB for the OS and server = ~30 GiB; Phi-3.5-mini in
+# bf16 is 7.6 GB + up to ~6 GB of KV cache (4 inputs x 4k tokens) = ~14 GB per worker: memory allows 2. But
+# the 4 vCPUs are the limit: 2 workers split them and each answers half as fast, so 1 worker (all cores,
+# requests queued) gives the same throughput and each answer twice as soon.
+AZURE_WORKER_COUNT = _int("AZURE_WORKER_COUNT", 1)
 MLFLOW_TRACKING_URI = _str("MLFLOW_TRACKING_URI", f"sqlite:///{(PROJECT_DIR / 'mlflow.db').as_posix()}")
 LOCAL_ENDPOINT_HOST = _str("LOCAL_ENDPOINT_HOST", "127.0.0.1")  # 0.0.0.0 exposes it to your network
 LOCAL_ENDPOINT_PORT = _int("LOCAL_ENDPOINT_PORT", 5001)

@@ -166,6 +166,8 @@ def build_deployment(endpoint_name, deployment_name, model):
             "RESOURCE_GROUP_NAME": config.AZURE_RESOURCE_GROUP_NAME,
             "UAI_CLIENT_ID": config.AZURE_MANAGED_IDENTITY_CLIENT_ID,
             "MAX_NEW_TOKENS_LIMIT": str(config.MAX_NEW_TOKENS_LIMIT),
+            "MAX_INPUTS_PER_REQUEST": str(config.MAX_INPUTS_PER_REQUEST),
+            "WORKER_COUNT": str(config.AZURE_WORKER_COUNT),  # azmlinfsrv's gunicorn workers (see config.py)
         },
         # The tutorial also set max_queue_wait_ms; Azure deprecated it (requests wait up to request_timeout_ms).
         request_settings=OnlineRequestSettings(

@@ -3,7 +3,8 @@
 Azure ML uploads this folder alone as the deployment's code, so this file imports nothing from the project
 and reads its limits from environment variables that the deployment (or stand_ins/endpoint_server.py) sets:
 
-    MAX_NEW_TOKENS_LIMIT   the largest max_new_tokens a request may ask for (default 512)
+    MAX_NEW_TOKENS_LIMIT      the largest max_new_tokens a request may ask for (default 512)
+    MAX_INPUTS_PER_REQUEST    the most inputs (questions or conversations) one request may carry (default 4)
 
 A request and its answer (one answer string per input):
 
@@ -14,10 +15,10 @@ A request and its answer (one answer string per input):
 each a list of {"role": "system"|"user"|"assistant", "content": "..."} ending with a user turn. Every input
 is formatted with the model's own chat template, so the model answers rather than continues the question.
 
-A malformed request raises BadRequest, which stand_ins/endpoint_server.py answers with 400 and the message. On Azure
-the inference server answers every exception from run() with 500 and a generic body ("An unexpected error
-occurred in scoring script. Check the logs for more info."); the message itself is in the deployment log:
-`az ml online-deployment get-logs --name <deployment> --endpoint-name <endpoint>`.
+A malformed request is answered 400 (413 for too many inputs) with {"error": "<what to change>"}, the same on
+both servers: on Azure's inference server (azmlinfsrv, which answers any exception from run() with a
+generic 500) run() returns that answer as an AMLResponse; stand_ins/endpoint_server.py maps the BadRequest
+that run_stoppable() raises. Where azmlinfsrv's package is absent, this file imports and runs all the same.
 """
 
 import json
@@ -27,9 +28,19 @@ import threading
 import time
 from pathlib import Path
 
+try:  # only inside Azure's inference server (azureml-inference-server-http); None elsewhere
+    from azureml_inference_server_http.api.aml_response import AMLResponse
+except ImportError:
+    AMLResponse = None
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 512  # a CPU instance writes a few tokens a second with Phi-3.5-mini
+# Phi-3.5-mini on a Standard_E4s_v3 decodes ~2 tokens/s for one input; a batch of 4 costs ~1.3x one (the
+# weights are read once per step for the whole batch), so 4 inputs x 128 new tokens take ~85 s, within
+# Azure's 180 s request timeout. More inputs per request would hold the model past it: send more requests.
+DEFAULT_MAX_INPUTS_PER_REQUEST = 4
+MAX_JSON_DEPTH = 16  # {"input_data": [[{"role": ..., "content": ...}]]} is 4 levels; deeper is not a request
 ROLES = ("system", "user", "assistant")
 # The params a request may send, with their defaults; check_params() says what each may be.
 PARAMS = {
@@ -43,13 +54,18 @@ PARAMS = {
 _model = None
 _tokenizer = None
 _max_new_tokens_limit = DEFAULT_MAX_NEW_TOKENS_LIMIT
+_max_inputs_per_request = DEFAULT_MAX_INPUTS_PER_REQUEST
 # One generation at a time: the tokenizer is not thread-safe, and on a CPU parallel generations only
 # compete for the same cores. stand_ins/endpoint_server.py caps how many requests wait here.
 _lock = threading.Lock()
 
 
 class BadRequest(ValueError):
-    """The request is malformed: the caller must change it (HTTP 400)."""
+    """The request is malformed: the caller must change it (HTTP 400, or `status`: 413 for too many inputs)."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
 
 
 def find_model_folder(root):
@@ -73,12 +89,13 @@ def init(model_dir=None):
     the MLflow model is that folder or a folder inside it (model_output, for a model registered from a job).
     Locally, a plain transformers folder serves too (evaluate_flow.py --compare-base serves the base model so).
     """
-    global _model, _tokenizer, _max_new_tokens_limit
+    global _model, _tokenizer, _max_new_tokens_limit, _max_inputs_per_request
     started = time.perf_counter()
     model_dir = model_dir or os.environ.get("AZUREML_MODEL_DIR")
     if not model_dir:
         raise RuntimeError("no model folder: set AZUREML_MODEL_DIR or call init(model_dir)")
     _max_new_tokens_limit = _env_int("MAX_NEW_TOKENS_LIMIT", DEFAULT_MAX_NEW_TOKENS_LIMIT)
+    _max_inputs_per_request = _env_int("MAX_INPUTS_PER_REQUEST", DEFAULT_MAX_INPUTS_PER_REQUEST)
     folder = find_model_folder(model_dir)
     # The MLflow transformers flavour keeps plain transformers files: weights in model/, tokenizer apart.
     weights = folder / "model" if (folder / "MLmodel").is_file() else folder
@@ -126,9 +143,16 @@ def run(raw_data):
     """Answer one request (called once per POST /score): a JSON string in, a list of answer strings out.
 
     Azure's inference server inspects this signature: run() must take exactly one parameter (or two, the
-    second named request_headers), so the stop event of stand_ins/endpoint_server.py goes to run_stoppable() instead.
+    second named request_headers), so the stop event of stand_ins/endpoint_server.py goes to run_stoppable().
+    There, a bad request is answered with its 4xx and reason (AMLResponse) instead of the server's generic 500.
     """
-    return run_stoppable(raw_data)
+    try:
+        return run_stoppable(raw_data)
+    except BadRequest as error:
+        if AMLResponse is None:
+            raise
+        logger.warning("Bad request (%d): %s", error.status, error)
+        return AMLResponse({"error": str(error)}, error.status, json_str=True)
 
 
 def run_stoppable(raw_data, stop_event=None):
@@ -160,6 +184,10 @@ def parse_request(raw_data):
             raw_data = json.loads(raw_data)
         except json.JSONDecodeError as error:
             raise BadRequest(f"the request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    if _depth_exceeds(raw_data, MAX_JSON_DEPTH):
+        raise BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(raw_data, dict):
         raise BadRequest('the request body must be a JSON object: {"input_data": [...], "params": {...}}')
     unknown = sorted(set(raw_data) - {"input_data", "params"})
@@ -205,6 +233,9 @@ def check_input_data(input_data):
         input_data = [input_data]
     if not isinstance(input_data, list) or not input_data:
         raise BadRequest("input_data must be a question, a non-empty list of questions, or a list of conversations")
+    if len(input_data) > _max_inputs_per_request:
+        raise BadRequest(f"input_data has {len(input_data)} inputs; at most {_max_inputs_per_request} per request "
+                         "(MAX_INPUTS_PER_REQUEST): send the rest in more requests", status=413)
     return [_check_conversation(item, f"input_data[{i}]") for i, item in enumerate(input_data)]
 
 
@@ -261,6 +292,18 @@ def _stop_when_set(event):
             return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([StopWhenSet()])
+
+
+def _depth_exceeds(value, limit):
+    """True when lists and objects nest deeper than `limit` (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _env_int(name, default):

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import hmac
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -147,10 +146,10 @@ class Endpoint:
         self.check_key(request)
         self.check_ready()
         body = await self.read_body(request)
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise HTTPException(400, f"the request body is not valid JSON: {error}") from None
+        try:  # as Azure's inference server does: run() gets the body as text and parses it (same 400s)
+            data = body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise HTTPException(400, f"the request body is not UTF-8 text: {error}") from None
         if not await self.take_slot():
             raise HTTPException(429, f"busy: {self.max_concurrent} request(s) already being scored and none finished "
                                      f"within {self.max_queue_wait_s * 1000:.0f} ms; retry after {RETRY_AFTER_S} s",
@@ -171,7 +170,7 @@ class Endpoint:
             # The W3C Server-Timing header: the client sees how much of its wait was the model itself.
             return JSONResponse(answer, headers={"Server-Timing": f"score;dur={seconds * 1000:.2f}"})
         except self.scorer.BadRequest as error:
-            raise HTTPException(400, str(error)) from None
+            raise HTTPException(getattr(error, "status", 400), str(error)) from None
         except Exception as error:  # noqa: BLE001 - a failed answer is a 500; the server keeps serving
             logger.error("Scoring failed: %s: %s", type(error).__name__, error, exc_info=error)
             raise HTTPException(500, f"scoring failed: {type(error).__name__}: {error}") from None
@@ -284,8 +283,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-request-bytes", type=int, default=config.MAX_REQUEST_BYTES, help="larger bodies get 413")
     parser.add_argument("--max-new-tokens-limit", type=int, default=config.MAX_NEW_TOKENS_LIMIT,
                         help="the largest max_new_tokens a request may ask for (passed to score.py)")
+    parser.add_argument("--max-inputs-per-request", type=int, default=config.MAX_INPUTS_PER_REQUEST,
+                        help="the most inputs one request may carry; more get 413 (passed to score.py)")
     args = parser.parse_args(argv)
-    for name in ("max_concurrent", "max_request_bytes", "max_new_tokens_limit", "request_timeout_ms"):
+    for name in ("max_concurrent", "max_request_bytes", "max_new_tokens_limit", "max_inputs_per_request",
+                 "request_timeout_ms"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue_wait_ms < 0:
@@ -305,6 +307,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # score.py reads its limits from the environment, as it does in the Azure deployment.
     os.environ["MAX_NEW_TOKENS_LIMIT"] = str(args.max_new_tokens_limit)
+    os.environ["MAX_INPUTS_PER_REQUEST"] = str(args.max_inputs_per_request)
     app = create_app(args.model_dir, key, args.max_concurrent, args.max_queue_wait_ms / 1000,
                      args.request_timeout_ms / 1000, args.max_request_bytes)
     endpoint = app.state.endpoint

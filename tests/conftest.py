@@ -40,6 +40,27 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(WORK_DIR, ignore_errors=True)
 
 
+def stop_tree(pid, grace_s=15):
+    """Terminate a process and everything it started (psutil), then kill what is left after grace_s."""
+    import contextlib
+
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    family = [parent, *parent.children(recursive=True)]
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
 def run_script(*args, env=None, timeout=600, cwd=PROJECT_DIR):
     """Run a project command the way a user types it; returns the CompletedProcess (text)."""
     return subprocess.run(

@@ -5,7 +5,6 @@ Debian's chromedriver; nothing is downloaded. Without the browser the test is sk
 the variable CI is set), where it fails. The screenshot lands in <WORK_DIR>/screenshots/chat_page.png.
 """
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import PROJECT_DIR, WORK_DIR, free_port
+from conftest import PROJECT_DIR, WORK_DIR, free_port, stop_tree
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -62,25 +61,6 @@ def chat_server(demo_run):
         yield url
     finally:
         stop_tree(process.pid)
-
-
-def stop_tree(pid, grace_s=15):
-    """Terminate a process and everything it started (psutil), then kill what is left after grace_s."""
-    import psutil
-
-    try:
-        parent = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    family = [parent, *parent.children(recursive=True)]
-    for member in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.terminate()
-    _, alive = psutil.wait_procs(family, timeout=grace_s)
-    for member in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    psutil.wait_procs(alive, timeout=grace_s)
 
 
 @pytest.fixture

@@ -1,13 +1,32 @@
-"""requirements.txt and the two conda files pin the same versions; every import is pinned."""
+"""The environment files, run for real: each Azure environment is rebuilt here from its conda file's pip list
+alone (a venv, cached between runs) and runs what Azure runs in it — Azure's own inference server serving
+score.py, and fine_tune.py as the command job calls it. Also: every import is pinned.
+
+The venvs live in FINETUNE_PHI_ENV_CACHE (default ~/.cache/finetune-phi/envs), one per conda file content:
+the first run builds them (a few minutes), later runs reuse them. torch is installed as this machine's build
+of the pinned version (conda.yml names the CUDA 12.6 build for the A100 nodes, scoring_dir/conda.yml the CPU
+build; both come from download.pytorch.org, which a machine with PyPI alone cannot reach).
+"""
 
 import ast
+import hashlib
+import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import time
 from importlib.metadata import packages_distributions
+from pathlib import Path
 
+import pytest
+import requests
 import yaml
 
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, free_port, read_env_file, stop_tree
+
+ENV_CACHE = Path(os.environ.get("FINETUNE_PHI_ENV_CACHE", Path.home() / ".cache" / "finetune-phi" / "envs"))
 
 PIN = re.compile(r"^([A-Za-z0-9_.-]+)==([^\s#;]+)")
 
@@ -42,9 +61,10 @@ def third_party_imports(path):
 
 
 def unpinned(modules, pinned):
-    """Modules none of whose providing distributions is pinned (mlflow comes from mlflow, -skinny, -tracing)."""
+    """Modules none of whose providing distributions is pinned (mlflow comes from mlflow, -skinny, -tracing).
+    A module not installed here (azmlinfsrv's, which cannot share this venv) is named like its distribution."""
     mapping = packages_distributions()
-    return {m for m in modules if not {d.lower().replace("_", "-") for d in mapping[m]} & set(pinned)}
+    return {m for m in modules if not {d.lower().replace("_", "-") for d in mapping.get(m, [m])} & set(pinned)}
 
 
 REQUIREMENTS = pins((PROJECT_DIR / "requirements.txt").read_text().splitlines())
@@ -72,13 +92,6 @@ def test_inference_environment_pins_every_import_of_score():
     assert "mlflow" not in conda  # score.py loads with transformers alone
 
 
-def test_conda_files_agree_with_requirements():
-    for path in (PROJECT_DIR / "conda.yml", PROJECT_DIR / "scoring_dir" / "conda.yml"):
-        for name, version in conda_pip_pins(path).items():
-            if name in REQUIREMENTS:  # a local label (+cu126, +cpu) names the build of the same release
-                assert REQUIREMENTS[name] == version.split("+")[0], f"{path.name}: {name}=={version}, requirements.txt has {REQUIREMENTS[name]}"
-
-
 def test_installed_versions_match_the_pins():
     from importlib.metadata import version
 
@@ -102,3 +115,112 @@ def test_the_training_torch_is_the_cuda_build_the_a100_driver_runs():
 def test_the_cpu_inference_environment_takes_the_cpu_torch():
     lines = conda_pip_lines(PROJECT_DIR / "scoring_dir" / "conda.yml")
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines and pins(lines)["torch"] == "2.13.0+cpu"
+
+
+# --- The environments, built from their conda files and run ------------------------------------------------
+def installable(line):
+    """A conda pip line as this machine installs it: an index option dropped, torch's build label dropped."""
+    if line.startswith("--"):
+        return None
+    return re.sub(r"^(torch==[^+\s]+)\+\w+", r"\1", line.split("#")[0].strip())
+
+
+def conda_venv(conda_file):
+    """A venv holding exactly the conda file's pip list (cached by its content); returns its folder."""
+    lines = [line for line in map(installable, conda_pip_lines(conda_file)) if line]
+    key = hashlib.sha256("\n".join([sys.version, *lines]).encode()).hexdigest()[:12]
+    folder = ENV_CACHE / f"{conda_file.parent.name}-{conda_file.stem}-{key}"
+    if (folder / ".complete").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # a build that was interrupted: start again
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=300)
+    result = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                             *lines], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"pip could not build {conda_file.name}'s environment:\n{result.stderr[-3000:]}"
+    (folder / ".complete").write_text("\n".join(lines) + "\n")  # written last: a folder without it is rebuilt
+    return folder
+
+
+@pytest.fixture(scope="module")
+def azure_inference_server(trained_model_dir):
+    """azmlinfsrv (Azure's inference server) running scoring_dir/score.py on the demo's model, in a venv built
+    from scoring_dir/conda.yml alone; yields its base URL."""
+    venv = conda_venv(PROJECT_DIR / "scoring_dir" / "conda.yml")
+    port = free_port()
+    log = (ENV_CACHE / f"azmlinfsrv-{port}.log").open("w")
+    env = {**os.environ, "AZUREML_MODEL_DIR": str(trained_model_dir), "WORKER_COUNT": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([str(venv / "bin" / "python"), "-m", "azureml_inference_server_http.amlserver",
+                                "--entry_script", "score.py", "--model_dir", str(trained_model_dir), "--port", str(port)],
+                               cwd=PROJECT_DIR / "scoring_dir", env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"azmlinfsrv exited:\n{Path(log.name).read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"azmlinfsrv did not start:\n{Path(log.name).read_text()[-3000:]}"
+            try:  # the one sync worker answers nothing while init() loads the model
+                if requests.get(url + "/", timeout=5).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_tree(process.pid)
+        log.close()
+
+
+def test_azures_inference_server_runs_score_py_from_its_conda_file(azure_inference_server):
+    assert requests.get(azure_inference_server + "/", timeout=10).status_code == 200  # liveness
+    tutorial = {"input_data": ["Who founded Microsoft?"],
+                "params": {"temperature": 0.7, "max_new_tokens": 64, "do_sample": False, "return_full_text": True}}
+    answer = requests.post(azure_inference_server + "/score", json=tutorial, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()[0].startswith("Who founded Microsoft?") and "Bill Gates" in answer.json()[0]
+    chat = [{"role": "user", "content": "Who founded Microsoft?"},
+            {"role": "assistant", "content": "Microsoft was founded by Bill Gates and Paul Allen on April 4, 1975, in "
+                                             "Albuquerque, New Mexico."},  # the training chat's own answer
+            {"role": "user", "content": "Where is its headquarters today?"}]
+    follow_up = requests.post(azure_inference_server + "/score", json={"input_data": [chat]}, timeout=120)
+    assert follow_up.status_code == 200 and "Redmond" in follow_up.json()[0]
+
+
+@pytest.mark.parametrize("body", [
+    '{"input_data": [',
+    '{"input_data": ["Hi"], "params": {"max_length": 10}}',
+    '{"input_data": []}',
+    '{"input_data": ["a", "b", "c", "d", "e"]}',
+    '{"input_data": ' + "[" * 20 + '"Hi"' + "]" * 20 + "}",
+    "[" * 100_000 + "]" * 100_000,
+], ids=["not-json", "unknown-param", "empty", "too-many-inputs", "nested", "too-deep-to-parse"])
+def test_a_bad_request_gets_the_same_4xx_and_reason_from_azure_and_the_local_endpoint(azure_inference_server, body):
+    on_azure = requests.post(azure_inference_server + "/score", data=body, timeout=60,
+                             headers={"Content-Type": "application/json"})
+    settings = read_env_file()  # the local endpoint `make demo` left running
+    local = requests.post(settings["AZURE_ML_ENDPOINT"], data=body, timeout=60,
+                          headers={"Authorization": f"Bearer {settings['AZURE_ML_API_KEY']}",
+                                   "Content-Type": "application/json"})
+    assert on_azure.status_code in (400, 413), on_azure.text[:500]
+    assert (on_azure.status_code, on_azure.json()) == (local.status_code, local.json())
+
+
+def test_the_training_job_runs_in_its_conda_file_as_the_command_job_calls_it(tmp_path):
+    from stand_ins.tiny_model import ensure_tiny_phi3
+
+    import config
+
+    venv = conda_venv(PROJECT_DIR / "conda.yml")
+    # Azure uploads finetuning_dir as the job's code and runs `python fine_tune.py ...` in it (setup_ml.py).
+    command = [str(venv / "bin" / "python"), "fine_tune.py", "--train-file", str(config.TRAIN_DATA_PATH),
+               "--eval-file", str(config.TEST_DATA_PATH), "--model_output_dir", str(tmp_path / "model_output"),
+               "--model-name", str(ensure_tiny_phi3()), "--max-steps", "2", "--batch-size", "8", "--max-length", "256",
+               "--no-packing", "--eval-strategy", "no", "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}",
+           "DISABLE_MLFLOW_INTEGRATION": "TRUE"}
+    result = subprocess.run(command, cwd=PROJECT_DIR / "finetuning_dir", env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Fine-tuning summary" in result.stdout and "(2 steps)" in result.stdout
+    assert (tmp_path / "model_output" / "MLmodel").is_file()
+    model = json.loads((tmp_path / "model_output" / "model" / "config.json").read_text())
+    assert model["model_type"] == "phi3"

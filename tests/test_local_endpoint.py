@@ -279,8 +279,9 @@ def test_a_failing_scoring_script_gets_500_and_the_server_keeps_serving(tmp_path
     script.write_text(
         "class BadRequest(ValueError):\n    pass\n\n"
         "def init(model_dir=None):\n    pass\n\n"
-        "def run(raw_data):\n"
-        "    if raw_data['input_data'] == 'boom':\n        raise RuntimeError('the GPU caught fire')\n"
+        "def run(raw_data):\n"  # a JSON string, as Azure's inference server passes it
+        "    import json\n"
+        "    if json.loads(raw_data)['input_data'] == 'boom':\n        raise RuntimeError('the GPU caught fire')\n"
         "    return ['ok']\n"
     )
     app = endpoint_module.create_app(tmp_path, "k", scoring_script=script)
@@ -323,3 +324,19 @@ def test_the_key_never_appears_in_the_log(local_endpoint):
     log = local_endpoint.log_path.read_text()
     assert local_endpoint.key not in log
     assert "POST /score 401" in log and "POST /score 200" in log and "POST /score 429" in log
+
+
+# --- Bounded requests (the same reasons as on Azure's inference server: tests/test_environment_files.py) -------
+@pytest.mark.parametrize("body", ["[" * 100_000 + "]" * 100_000, '{"input_data": ' + "[" * 20 + '"Hi"' + "]" * 20 + "}"],
+                         ids=["too-deep-to-parse", "parses-but-absurd"])
+def test_absurdly_nested_json_gets_400(local_endpoint, body):
+    response = requests.post(f"{local_endpoint.url}/score", data=body, timeout=30,
+                             headers={"Authorization": f"Bearer {local_endpoint.key}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and "nests deeper than" in response.json()["error"]
+
+
+def test_more_inputs_than_allowed_get_413_naming_the_setting(local_endpoint):
+    response = local_endpoint.post({"input_data": ["Hi"] * 5, "params": {"max_new_tokens": 2}})
+    assert response.status_code == 413
+    assert "MAX_INPUTS_PER_REQUEST" in response.json()["error"] and "at most 4" in response.json()["error"]
+    assert local_endpoint.post({"input_data": ["Hi"] * 4, "params": {"max_new_tokens": 2}}).status_code == 200
