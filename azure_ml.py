@@ -204,13 +204,18 @@ def next_slot(endpoint):
     return SLOTS[0]
 
 
+def state_name(state):
+    """Azure's word for a status: azure-ai-ml returns enums (str() of one gives 'JobStatus.FAILED'), or text."""
+    return getattr(state, "value", state)
+
+
 def check_existing_endpoint(endpoint):
     """StepError for an endpoint that cannot take a deployment now, or whose keys the flow cannot use."""
-    state = (endpoint.provisioning_state or "Succeeded").lower()
-    if state == "failed":
+    state = state_name(endpoint.provisioning_state) or "Succeeded"
+    if state.lower() == "failed":
         raise StepError(f"Endpoint {endpoint.name} is in state Failed: delete it (`python cleanup.py`) and deploy again.")
-    if state != "succeeded":
-        raise StepError(f"Endpoint {endpoint.name} is still {endpoint.provisioning_state}: wait for it, then deploy again.")
+    if state.lower() != "succeeded":
+        raise StepError(f"Endpoint {endpoint.name} is still {state}: wait for it, then deploy again.")
     if endpoint.auth_mode != "key":
         raise StepError(f"Endpoint {endpoint.name} uses auth_mode {endpoint.auth_mode}, and the flow sends a key: choose "
                         "another AZURE_ENDPOINT_NAME, or delete this endpoint (`python cleanup.py`).")
@@ -224,7 +229,7 @@ def delete_if_failed(ml_client, endpoint, deployment_name):
         existing = ml_client.online_deployments.get(name=deployment_name, endpoint_name=endpoint.name)
     except ResourceNotFoundError:
         return
-    if str(existing.provisioning_state).lower() == "failed" and not (endpoint.traffic or {}).get(deployment_name):
+    if (state_name(existing.provisioning_state) or "").lower() == "failed" and not (endpoint.traffic or {}).get(deployment_name):
         print(f"Deployment {deployment_name} failed before and cannot be updated; deleting it to re-create it ...")
         wait_with_progress(ml_client.online_deployments.begin_delete(name=deployment_name, endpoint_name=endpoint.name),
                            f"deleting {deployment_name}")

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 import config
-from azure_ml import (azure_errors, check_name, get_ml_client, print_job_log_tail, print_validated,
+from azure_ml import (azure_errors, check_name, get_ml_client, print_job_log_tail, print_validated, state_name,
                       validate_job_bindings)
 from job_record import record_job
 from step_errors import StepError, exit_with
@@ -96,7 +96,8 @@ def run_azure_job(job_name):
                                       config.AZURE_COMPUTE_LOCATION)
         check_processes_per_node(ml_client, config.AZURE_COMPUTE_INSTANCE_TYPE)
         job = ml_client.jobs.create_or_update(create_fine_tuning_job(environment, config.AZURE_COMPUTE_NAME, job_name))
-        record_job(job.name, "azure", job.status, studio_url=job.studio_url, workspace=config.AZURE_ML_WORKSPACE_NAME)
+        record_job(job.name, "azure", state_name(job.status), studio_url=job.studio_url,
+                   workspace=config.AZURE_ML_WORKSPACE_NAME)
         print(f"Submitted job {job.name}\nStudio: {job.studio_url}")
         failure = None
         try:
@@ -113,7 +114,7 @@ def run_azure_job(job_name):
                 return 130
             failure = str(error).strip()
         # jobs.stream() returns normally for a cancelled job: the status says how it ended.
-        status = ml_client.jobs.get(job.name).status
+        status = state_name(ml_client.jobs.get(job.name).status)
         record_job(job.name, "azure", status, studio_url=job.studio_url, workspace=config.AZURE_ML_WORKSPACE_NAME)
         if status != "Completed":
             print(f"Job {job.name} ended with status {status}." + (f" Azure ML says: {failure}" if failure else ""),
