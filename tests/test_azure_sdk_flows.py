@@ -1,0 +1,348 @@
+"""setup_ml.py, deploy_model.py and cleanup.py against azure-ai-ml's own code, over a fake service at the HTTP layer.
+
+Unlike tests/test_setup_ml_azure.py and tests/test_deploy_model_azure.py (an autospecced MLClient: our calls
+checked against our own idea of the SDK), these run a real `azure.ai.ml.MLClient` (azure-ai-ml 1.35.2): its
+request building, uploads, long-running-operation polling, job streaming, error mapping and entity parsing.
+Only the network is replaced, by tests/azure_service.py's FakeAzureML, which also records every request, so a
+test asserts what went over the wire. No socket is opened (a test that tries fails).
+
+    .venv/bin/python -m pytest tests/test_azure_sdk_flows.py -q -p no:cacheprovider
+"""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from dotenv import dotenv_values
+
+import azure_mocks
+from azure_mocks import FAKE_DEPLOY_SETTINGS, FAKE_SUBSCRIPTION_ID, block_network, configure_azure, use_tmp_data
+from azure_service import FakeAzureML, arm_error
+
+import cleanup
+import config  # azure_mocks puts the project folder on sys.path
+import deploy_model
+import job_record
+import setup_ml
+
+pytestmark = [pytest.mark.filterwarnings(f) for f in azure_mocks.AZURE_WARNING_FILTERS]
+
+JOB = "finetune-phi-sdk-test"
+COMPUTE = "gpu-nc24s-a100-v4"
+ENDPOINT = FAKE_DEPLOY_SETTINGS["AZURE_ENDPOINT_NAME"]
+BLUE, GREEN = "finetune-phi-deployment-blue", "finetune-phi-deployment-green"
+IDENTITY_ID = (f"/subscriptions/{FAKE_SUBSCRIPTION_ID}/resourceGroups/rg-phi3-tests"
+               "/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-phi3-tests")
+# Pinned, so a developer's own .env or environment cannot change what these tests expect.
+SETTINGS = {
+    "AZURE_COMPUTE_NAME": COMPUTE,
+    "AZURE_COMPUTE_INSTANCE_TYPE": "Standard_NC24ads_A100_v4",
+    "AZURE_COMPUTE_LOCATION": "",
+    "AZURE_BASE_MODEL_NAME": "microsoft/Phi-3.5-mini-instruct",
+    "AZURE_ENVIRONMENT_NAME": "phi-3-training-environment",
+    "AZURE_EXPERIMENT_NAME": "phi-3-fine-tuning",
+    "USE_CPU_COMPUTE": False,
+    "JOB_NAME": JOB,
+    "INSTANCE_COUNT": 1,
+    "PROCESSES_PER_NODE": 1,
+    "AZURE_MODEL_NAME": "finetune-phi-3-5-mini",
+    "AZURE_DEPLOYMENT_NAME": "finetune-phi-deployment",
+    "AZURE_DEPLOYMENT_INSTANCE_TYPE": "Standard_E4s_v3",
+    "AZURE_DEPLOYMENT_INSTANCE_COUNT": 1,
+}
+IMAGE_BUILD_FAILURE = "ImageBuildFailure: base image does not exist"
+CONTAINER_CRASHED = "User container has crashed or terminated: Liveness probe failed. Please see troubleshooting guide."
+SCORE_PY_ERROR = "ModuleNotFoundError: No module named 'transformers'"
+NAME_TAKEN = ("There is already an endpoint with this name, Endpoint name needs to be unique within a region. "
+              "Try some other name.")
+
+
+def no_network(monkeypatch):
+    """block_network, plus a list of the attempts: the SDK swallows some exceptions, so the test checks the list."""
+    block_network(monkeypatch)
+    attempts = []
+    for owner, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "getaddrinfo")):
+        refuse = getattr(owner, name)
+
+        def recorded(*args, _refuse=refuse, **kwargs):
+            attempts.append(args)
+            return _refuse(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, recorded)
+    return attempts
+
+
+@pytest.fixture
+def service(monkeypatch, tmp_path):
+    """The fake service, and setup_ml / deploy_model / cleanup using a real MLClient over it (TARGET=azure)."""
+    attempts = no_network(monkeypatch)
+    configure_azure(monkeypatch, FAKE_DEPLOY_SETTINGS, **SETTINGS)
+    monkeypatch.setattr(config, "AZURE_MANAGED_IDENTITY_RESOURCE_ID", IDENTITY_ID)  # derived at import
+    use_tmp_data(monkeypatch, tmp_path)
+    monkeypatch.setattr(config, "ENV_FILE", tmp_path / ".env")
+    config.ENV_FILE.write_text("# my own settings\nTARGET=azure\n", encoding="utf-8")
+
+    fake = FakeAzureML()
+    fake.patch_blob_storage(monkeypatch)
+    fake.patch_stream_waits(monkeypatch)
+    client = fake.ml_client()
+    for module in (setup_ml, deploy_model, cleanup):
+        monkeypatch.setattr(module, "get_ml_client", lambda: client)
+    yield fake
+    assert not fake.unknown, f"requests the fake service does not know: {fake.unknown}"
+    assert not attempts, f"network access attempted: {attempts}"
+
+
+@pytest.fixture
+def completed_job(service):
+    """A fine-tuning job that completed in Azure (its model in outputs.model_output), recorded by setup_ml.py."""
+    service.add_completed_job(JOB, compute=COMPUTE)
+    job_record.record_job(JOB, "azure", "Completed", studio_url=service.studio_url(JOB),
+                          workspace=config.AZURE_ML_WORKSPACE_NAME)
+    return JOB
+
+
+def run_main(capsys, module, *argv):
+    """module.main(argv) -> (exit code, stdout, stderr)."""
+    code = module.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_job():
+    return json.loads(Path(config.LAST_JOB_FILE).read_text(encoding="utf-8"))
+
+
+def index_of(calls, predicate, start=0):
+    """The position of the first call from `start` on that matches `predicate` (fails the test if none)."""
+    for position in range(start, len(calls)):
+        if predicate(calls[position]):
+            return position
+    raise AssertionError(f"no such request after #{start}: {calls[start:]}")
+
+
+def is_(method, path_end):
+    return lambda call: call.method == method and call.path.endswith(path_end)
+
+
+def datastore_blob(service, uri):
+    """The bytes the SDK uploaded for an azureml://datastores/<name>/paths/<path> URI."""
+    datastore, _, path = uri.removeprefix("azureml://datastores/").partition("/paths/")
+    return service.blobs[(service.datastores[datastore], path)]["content"]
+
+
+# --- setup_ml.py ---------------------------------------------------------------------------------------------
+def test_job_submission_sends_environment_code_data_and_the_command(service, capsys):
+    service.add_compute(COMPUTE)
+    service.job_statuses = ["Queued", "Running", "Completed"]
+
+    code, out, err = run_main(capsys, setup_ml)
+
+    assert code == 0, err
+    calls = service.calls(host_contains="management.azure.com")
+    environment = index_of(calls, is_("PUT", "/environments/phi-3-training-environment/versions/1"))
+    compute = index_of(calls, is_("GET", f"/computes/{COMPUTE}"))
+    job = index_of(calls, is_("PUT", f"/jobs/{JOB}"))
+    assert environment < compute < job
+    assert not service.calls("PUT", "/computes/"), "an existing cluster must not be re-created"
+
+    sent_environment = calls[environment].json["properties"]
+    assert sent_environment["image"] == setup_ml.build_environment().image
+    assert "trl==" in sent_environment["condaFile"]
+    sent = calls[job].json["properties"]
+    assert sent["jobType"] == "Command"
+    assert sent["computeId"].endswith(f"/workspaces/ws-phi3-tests/computes/{COMPUTE}")
+    assert sent["environmentId"] == calls[environment].path  # the version just registered, not a new one
+    assert sent["command"].startswith("python fine_tune.py --train-file ${{inputs.train_file}}")
+    assert "--model_output_dir ${{outputs.model_output}}" in sent["command"]
+    assert sent["outputs"]["model_output"]["jobOutputType"] == "mlflow_model"
+    assert sent["experimentName"] == "phi-3-fine-tuning"
+    # Local files went to the workspace's blob storage before the job referenced them.
+    assert service.calls("PUT", sent["codeId"].split("/workspaces/ws-phi3-tests", 1)[1])
+    code_blobs = [name for (_, name) in service.blobs if name.endswith("finetuning_dir/fine_tune.py")]
+    assert code_blobs, "finetuning_dir was not uploaded"
+    for name, path in (("train_file", config.TRAIN_DATA_PATH), ("eval_file", config.TEST_DATA_PATH)):
+        assert sent["inputs"][name]["jobInputType"] == "uri_file"
+        assert datastore_blob(service, sent["inputs"][name]["uri"]) == Path(path).read_bytes()
+    assert f"RunId: {JOB}" in out  # streamed by the SDK
+    assert last_job()["status"] == "Completed"
+
+
+def test_a_job_the_service_fails_exits_1_with_the_services_reason(service, capsys):
+    service.add_compute(COMPUTE)
+    service.job_statuses = ["Queued", "Preparing", "Failed"]
+    service.job_error = {"code": "UserError", "message": IMAGE_BUILD_FAILURE}
+    service.job_log_lines = ["Pulling the base image", "ERROR: manifest unknown"]
+
+    code, out, err = run_main(capsys, setup_ml)
+
+    assert code == 1
+    assert f"Job {JOB} ended with status Failed" in err  # the status as Azure says it, not a Python enum
+    assert IMAGE_BUILD_FAILURE in err  # only the SDK's JobException carries it
+    assert "ERROR: manifest unknown" in err  # the log tail, downloaded from the workspace's artifact store
+    assert last_job()["status"] == "Failed"
+    assert not service.calls("POST", "/cancel")
+
+
+def test_ctrl_c_while_streaming_leaves_the_job_running_and_deploy_waits_for_it(service, capsys):
+    service.add_compute(COMPUTE)
+    service.job_statuses = ["Queued", "Running", "Running", "Completed"]
+    service.interrupt_on_poll = 3  # Ctrl+C while the SDK waits for run history's third answer
+
+    code, out, err = run_main(capsys, setup_ml)
+
+    assert code == 130, err
+    assert "keeps running" in out
+    assert f"az ml job cancel --name {JOB}" in out
+    assert not service.calls("POST", "/cancel"), "Ctrl+C must not cancel the job"
+    assert service.jobs[JOB]["properties"]["status"] == "Running"
+    assert last_job()["status"] == "Running"  # what the service last said
+
+    sent_before = len(service.calls_log)
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 1
+    assert "still Running" in err and "deploy_model.py" in err
+    assert "setup_ml.py" not in err, "rerunning setup_ml.py would start a second A100 job"
+    assert len(service.calls_log) == sent_before, "nothing may be registered or deployed for an unfinished job"
+
+
+# --- deploy_model.py -------------------------------------------------------------------------------------------
+def test_a_failed_deployment_keeps_traffic_then_a_rerun_deletes_and_recreates_it(service, completed_job, capsys):
+    service.deployment_outcomes = [("Failed", "ResourceNotReady", CONTAINER_CRASHED)]
+    service.deployment_logs = f"Starting AzureML Inference Server\nTraceback (most recent call last):\n{SCORE_PY_ERROR}\n"
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 1
+    assert CONTAINER_CRASHED in err
+    assert SCORE_PY_ERROR in err  # the deployment's log tail
+    calls = service.calls()
+    created = index_of(calls, is_("PUT", f"/onlineEndpoints/{ENDPOINT}/deployments/{BLUE}"))
+    index_of(calls, is_("POST", f"/deployments/{BLUE}/getLogs"), created)
+    assert service.endpoints[ENDPOINT]["properties"]["traffic"] == {}
+    assert len(service.calls("PUT", f"/onlineEndpoints/{ENDPOINT}")) == 2  # the endpoint, the deployment: no traffic
+    assert service.deployment_state(ENDPOINT, BLUE) == "Failed"
+    assert "AZURE_ML_API_KEY" not in dotenv_values(config.ENV_FILE)
+
+    rerun_from = len(service.calls_log)
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 0, err
+    calls = service.calls()
+    deleted = index_of(calls, is_("DELETE", f"/deployments/{BLUE}"), rerun_from)
+    recreated = index_of(calls, is_("PUT", f"/deployments/{BLUE}"), deleted)
+    smoke = index_of(calls, lambda call: call.path == "/score", recreated)
+    traffic = index_of(calls, is_("PUT", f"/onlineEndpoints/{ENDPOINT}"), smoke)
+    index_of(calls, is_("POST", f"/onlineEndpoints/{ENDPOINT}/listKeys"), traffic)
+    assert calls[traffic].json["properties"]["traffic"] == {BLUE: 100}
+    assert service.deployment_state(ENDPOINT, BLUE) == "Succeeded"
+    written = dotenv_values(config.ENV_FILE)
+    assert written["AZURE_ML_ENDPOINT"] == service.scoring_uri(ENDPOINT)
+    assert written["AZURE_ML_API_KEY"] == service.endpoint_keys[ENDPOINT]["primaryKey"]
+    assert written["TARGET"] == "azure"  # the user's own lines are kept
+
+
+def test_a_taken_endpoint_name_names_the_setting_and_deploys_nothing(service, completed_job, capsys):
+    validation = {"errors": {"": [NAME_TAKEN]}, "type": "https://tools.ietf.org/html/rfc7231#section-6.5.1",
+                  "title": "One or more validation errors occurred.", "status": 400,
+                  "traceId": "00-5e6f2b3c8d1a4f0e9b7c6d5a4b3c2d1e-1a2b3c4d5e6f7a8b-01"}
+    service.endpoint_create_error = arm_error(400, "BadRequest", "The request is invalid.", [
+        {"code": "InferencingClientCallFailed", "message": json.dumps(validation), "details": [],
+         "additionalInfo": []}])
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 1
+    assert "AZURE_ENDPOINT_NAME" in err and "choose another" in err
+    assert "Traceback" not in err + out
+    assert service.calls("PUT", f"/onlineEndpoints/{ENDPOINT}"), "the endpoint creation was not even tried"
+    assert not service.calls(path_contains="/deployments/"), "no deployment may be requested"
+    assert ENDPOINT not in service.endpoints
+
+
+def test_green_is_smoke_tested_then_given_the_traffic_then_keys_are_written(service, completed_job, capsys):
+    service.add_endpoint(ENDPOINT, traffic={BLUE: 100}, deployments={BLUE: "Succeeded"})
+
+    code, out, err = run_main(capsys, deploy_model, "--keep-previous")
+
+    assert code == 0, err
+    calls = service.calls()
+    deployed = index_of(calls, is_("PUT", f"/onlineEndpoints/{ENDPOINT}/deployments/{GREEN}"))
+    smoke = index_of(calls, lambda call: call.path == "/score", deployed)
+    traffic = index_of(calls, is_("PUT", f"/onlineEndpoints/{ENDPOINT}"), smoke)
+    keys = index_of(calls, is_("POST", f"/onlineEndpoints/{ENDPOINT}/listKeys"), traffic)
+    assert not service.calls("PUT", f"/deployments/{BLUE}"), "the serving slot must not be touched"
+
+    deployment = calls[deployed].json
+    assert deployment["sku"] == {"name": "Default", "capacity": 1}
+    assert deployment["properties"]["instanceType"] == "Standard_E4s_v3"
+    assert deployment["properties"]["codeConfiguration"]["scoringScript"] == "score.py"
+    assert deployment["properties"]["model"].endswith("/models/finetune-phi-3-5-mini/versions/1")
+    assert any(name.endswith("scoring_dir/score.py") for (_, name) in service.blobs), "score.py was not uploaded"
+
+    request = calls[smoke]
+    assert request.host == f"{ENDPOINT}.eastus2.inference.ml.azure.com"
+    assert request.headers["azureml-model-deployment"] == GREEN  # straight to green, not through the traffic split
+    assert request.headers["Authorization"] == f"Bearer {service.endpoint_keys[ENDPOINT]['primaryKey']}"
+    assert request.json == deploy_model.SMOKE_REQUEST
+    assert "'an answer'" in out
+
+    # deploy_model sets {green: 100, blue: 0}; azure-ai-ml strips the zero entries before sending.
+    assert calls[traffic].json["properties"]["traffic"] == {GREEN: 100}
+    assert service.endpoints[ENDPOINT]["properties"]["traffic"] == {GREEN: 100}
+    assert keys == max(index for index, call in enumerate(calls) if call.path.endswith("/listKeys"))
+    written = dotenv_values(config.ENV_FILE)
+    assert written["AZURE_ML_ENDPOINT"] == service.scoring_uri(ENDPOINT)
+    assert written["AZURE_ML_API_KEY"] == service.endpoint_keys[ENDPOINT]["primaryKey"]
+    assert not service.calls("DELETE"), "--keep-previous keeps blue for a rollback"
+    assert service.deployment_state(ENDPOINT, BLUE) == "Succeeded"
+
+
+def test_the_previous_slot_is_deleted_once_the_new_one_has_the_traffic(service, completed_job, capsys):
+    service.add_endpoint(ENDPOINT, traffic={BLUE: 100}, deployments={BLUE: "Succeeded"})
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 0, err
+    calls = service.calls()
+    traffic = index_of(calls, is_("PUT", f"/onlineEndpoints/{ENDPOINT}"))
+    index_of(calls, is_("DELETE", f"/onlineEndpoints/{ENDPOINT}/deployments/{BLUE}"), traffic)
+    assert service.deployment_state(ENDPOINT, BLUE) is None
+    assert service.deployment_state(ENDPOINT, GREEN) == "Succeeded"
+    assert service.endpoints[ENDPOINT]["properties"]["traffic"] == {GREEN: 100}
+
+
+def test_a_job_streamed_to_completion_is_then_deployed(service, capsys):
+    service.add_compute(COMPUTE)
+    service.job_statuses = ["Queued", "Running", "Completed"]
+
+    assert run_main(capsys, setup_ml)[0] == 0
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 0, err
+    registered = service.calls("PUT", "/models/finetune-phi-3-5-mini/versions/1")[0].json["properties"]
+    assert registered["modelUri"] == f"azureml://jobs/{JOB}/outputs/model_output"
+    assert registered["modelType"] == "mlflow_model"
+    assert service.endpoints[ENDPOINT]["properties"]["traffic"] == {BLUE: 100}
+
+
+# --- cleanup.py ----------------------------------------------------------------------------------------------------
+def test_cleanup_deletes_the_endpoint_and_says_so(service, capsys):
+    service.add_endpoint(ENDPOINT, traffic={BLUE: 100}, deployments={BLUE: "Succeeded"})
+
+    code, out, err = run_main(capsys, cleanup, "--yes")
+
+    assert code == 0, err
+    assert [call.path.rsplit("/", 2)[-2:] for call in service.calls("DELETE")] == [["onlineEndpoints", ENDPOINT]]
+    assert ENDPOINT not in service.endpoints
+    assert f"endpoint {ENDPOINT}: deleted" in out
+
+
+def test_cleanup_of_an_endpoint_already_gone_deletes_nothing(service, capsys):
+    code, out, err = run_main(capsys, cleanup, "--yes")
+
+    assert code == 0, err
+    assert not service.calls("DELETE")
+    assert f"endpoint {ENDPOINT}: not found" in out
