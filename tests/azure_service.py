@@ -1,6 +1,6 @@
 """A fake Azure Machine Learning service under azure-ai-ml's own code: the network is replaced at the HTTP layer.
 
-    service = FakeAzureML()                                  # workspace, datastores, nothing else yet
+    service = FakeAzureML()                                  # a workspace with its two datastores
     client = service.ml_client()                             # a real azure.ai.ml.MLClient over it
     service.add_compute("gpu-nc24s-a100-v4")                 # state the service starts with
     service.job_statuses = ["Queued", "Running", "Failed"]   # what run history reports, one status per poll
@@ -9,24 +9,33 @@
 
 How it plugs in (azure-ai-ml 1.35.2):
 - `MLClient(..., transport=FakeAzureML(...))`: MLClient forwards its keyword arguments to every generated
-  client it builds (ARM clients, the workspace data plane, the `HttpPipeline` used for discovery, log
-  downloads and endpoint scoring) and JobOperations keeps them (`_service_client_kwargs`) for the run-history
-  client it builds later. One client does not get them: `MLClient._preflight` (ARM template deployments, used
-  only for registry components) - never reached here; the transport refuses any request it does not know.
+  client it builds (the ARM clients of each api-version, the workspace data plane, and the `HttpPipeline` that
+  fetches the discovery document, streams job logs and calls the scoring URI); JobOperations keeps them
+  (`_service_client_kwargs`) for the run-history and data-plane clients it builds on first use. One client
+  does not get them: `MLClient._preflight` (`_utils/_preflight_utils.py`, ARM template validation of
+  components, which these flows never use). The fake refuses any request it does not know and keeps it in
+  `unknown`, since the SDK swallows some exceptions.
 - Blob storage (uploads of local code and data, job logs): azure-ai-ml builds its own
-  `azure.storage.blob.BlobServiceClient(account_url, credential)` in
-  `azure/ai/ml/_artifacts/_blob_storage_helper.py` and forwards no transport to it. `patch_blob_storage()`
-  replaces that one name with a constructor that adds `transport=` this fake; the storage SDK's requests
-  (HEAD/PUT blob, set metadata, list blobs, GET blob) are then answered here like the other requests.
-- Waiting: long-running operations answer 201/202 with `Azure-AsyncOperation`/`Location` and `Retry-After: 0`,
-  and `sleep()` of this transport returns at once (azure-core pollers sleep through the transport).
-  `jobs.stream()` sleeps with `time.sleep(_wait_before_polling(...))` in
-  `azure/ai/ml/operations/_job_ops_helper.py`: `patch_stream_waits()` makes that wait 0 s.
+  `BlobServiceClient(account_url, credential)` and `ContainerClient.from_container_url(sas_uri)` in
+  `azure/ai/ml/_artifacts/_blob_storage_helper.py` and forwards no transport to them. `patch_blob_storage()`
+  replaces those two names there with versions that add `transport=` this fake, so the storage SDK's own
+  requests (HEAD/PUT blob, set metadata, list and GET blobs) are answered here too. Only the blob datastore
+  type is faked (a workspace's default); ADLS Gen2 and file-share datastores are not.
+- Waiting: long-running operations answer 201/202 with `Azure-AsyncOperation` (and `Location` for deletes)
+  and `Retry-After: 0`; azure-core pollers sleep through the transport, and this one's `sleep()` returns at
+  once. `jobs.stream()` waits `time.sleep(_wait_before_polling(...))` in
+  `azure/ai/ml/operations/_job_ops_helper.py` between polls: `patch_stream_waits()` makes that 0 s.
 
 Payload shapes follow the SDK's generated models (azure/ai/ml/_restclient/arm_ml_service/models,
 _restclient/runhistory/models) and the SDK's recorded sessions (Azure/azure-sdk-for-python,
-sdk/ml/azure-ai-ml/tests/recordings). What the service does is simplified: every operation ends after one
-"still running" poll, and a test decides how it ends.
+sdk/ml/azure-ai-ml/tests/recordings/online_services: workspace, endpoint PUT 201 + mfeOperationsStatus).
+Simplified or assumed, not taken from a recording:
+- every operation ends after one "InProgress" poll, and a test decides how (`deployment_outcomes`);
+- a model registered from `azureml://jobs/<job>/outputs/<output>` comes back with the output's datastore path
+  (`.../datastores/workspaceblobstore/paths/azureml/<job>/<output>/`), and registering one whose output holds
+  no files answers ModelAssetPathNotFoundInStorage (the error users report in public issue threads);
+- updating a deployment whose creation failed answers 400 ("unrecoverable state": delete and re-create it);
+- deleting a deployment that still has traffic answers 400; traffic naming a missing deployment answers 400.
 """
 
 import base64
@@ -41,7 +50,7 @@ import threading
 import time
 import uuid
 import xml.sax.saxutils
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import requests
@@ -58,6 +67,7 @@ WORKSPACE = "ws-phi3-tests"
 LOCATION = "eastus2"
 WORKSPACE_ID = "5e7a1c3e-0000-4000-8000-0000000000a1"  # the workspace's GUID (discovery, container names)
 STORAGE_ACCOUNT = "stphi3tests"
+TENANT_ID = "33333333-3333-3333-3333-333333333333"
 ARM_HOST = "management.azure.com"
 API_HOST = f"{LOCATION}.api.azureml.ms"  # discovery, run history
 PROVIDER = "Microsoft.MachineLearningServices"
@@ -96,8 +106,9 @@ class FakeCredential:
 
     def get_token(self, *scopes, **kwargs):
         expires = int(time.time()) + 3600
-        return AccessToken(_jwt({"oid": "22222222-2222-2222-2222-222222222222", "tid": "33333333-3333-3333-3333-333333333333",
-                                 "upn": "tester@example.com", "exp": expires}), expires)
+        claims = {"oid": "22222222-2222-2222-2222-222222222222", "tid": TENANT_ID, "upn": "tester@example.com",
+                  "exp": expires}
+        return AccessToken(_jwt(claims), expires)
 
 
 @dataclass
@@ -226,12 +237,6 @@ class FakeAzureML(HttpTransport):
             return [call for call in self.calls_log
                     if (method is None or call.method == method) and path_contains in call.path
                     and host_contains in call.host]
-
-    def arm_calls(self):
-        """The ARM requests (method, path below the workspace), without api-version: the SDK's conversation."""
-        prefix = self.workspace_path()
-        return [(call.method, call.path[len(prefix):] if call.path.startswith(prefix) else call.path)
-                for call in self.calls(host_contains=ARM_HOST)]
 
     # --- state a test starts from ----------------------------------------------------------------------
     def workspace_path(self):
@@ -609,7 +614,7 @@ class FakeAzureML(HttpTransport):
         body = self._resource(f"onlineEndpoints/{name}", name, "onlineEndpoints", properties,
                               location=self.location, kind="Managed", tags={})
         body["identity"] = {"type": "SystemAssigned", "principalId": str(uuid.uuid4()),
-                            "tenantId": "33333333-3333-3333-3333-333333333333"}
+                            "tenantId": TENANT_ID}
         return body
 
     def _get_endpoint(self, call, parts):

@@ -211,7 +211,8 @@ def test_ctrl_c_while_streaming_leaves_the_job_running_and_deploy_waits_for_it(s
 # --- deploy_model.py -------------------------------------------------------------------------------------------
 def test_a_failed_deployment_keeps_traffic_then_a_rerun_deletes_and_recreates_it(service, completed_job, capsys):
     service.deployment_outcomes = [("Failed", "ResourceNotReady", CONTAINER_CRASHED)]
-    service.deployment_logs = f"Starting AzureML Inference Server\nTraceback (most recent call last):\n{SCORE_PY_ERROR}\n"
+    service.deployment_logs = "\n".join(["Starting AzureML Inference Server", "Traceback (most recent call last):",
+                                         SCORE_PY_ERROR])
 
     code, out, err = run_main(capsys, deploy_model)
 
@@ -226,6 +227,7 @@ def test_a_failed_deployment_keeps_traffic_then_a_rerun_deletes_and_recreates_it
     assert service.deployment_state(ENDPOINT, BLUE) == "Failed"
     assert "AZURE_ML_API_KEY" not in dotenv_values(config.ENV_FILE)
 
+    # azure-ai-ml returns the state as a DeploymentProvisioningState (a str Enum), not the string "Failed".
     rerun_from = len(service.calls_log)
     code, out, err = run_main(capsys, deploy_model)
 
@@ -312,6 +314,18 @@ def test_the_previous_slot_is_deleted_once_the_new_one_has_the_traffic(service, 
     assert service.deployment_state(ENDPOINT, BLUE) is None
     assert service.deployment_state(ENDPOINT, GREEN) == "Succeeded"
     assert service.endpoints[ENDPOINT]["properties"]["traffic"] == {GREEN: 100}
+
+
+def test_an_endpoint_still_updating_is_named_with_azures_state_and_left_alone(service, completed_job, capsys):
+    service.add_endpoint(ENDPOINT, traffic={BLUE: 100}, deployments={BLUE: "Succeeded"})
+    service.endpoints[ENDPOINT]["properties"]["provisioningState"] = "Updating"
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 1
+    # azure-ai-ml returns the state as an EndpointProvisioningState (a str Enum): the user reads Azure's word.
+    assert f"Endpoint {ENDPOINT} is still Updating" in err
+    assert not service.calls("PUT", "/onlineEndpoints/") and not service.calls("DELETE")
 
 
 def test_a_job_streamed_to_completion_is_then_deployed(service, capsys):
