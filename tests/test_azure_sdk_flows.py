@@ -190,7 +190,10 @@ def test_ctrl_c_while_streaming_leaves_the_job_running_and_deploy_waits_for_it(s
     service.job_statuses = ["Queued", "Running", "Running", "Completed"]
     service.interrupt_on_poll = 3  # Ctrl+C while the SDK waits for run history's third answer
 
-    code, out, err = run_main(capsys, setup_ml)
+    try:  # the SDK raises JobException(...) from KeyboardInterrupt; a bare one escaping would stop pytest itself
+        code, out, err = run_main(capsys, setup_ml)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped setup_ml.main()")
 
     assert code == 130, err
     assert "keeps running" in out
