@@ -160,10 +160,12 @@ def _metadata(headers):
 
 
 def _now():
+    """A timestamp as ARM writes them."""
     return time.strftime("%Y-%m-%dT%H:%M:%S.0000000+00:00", time.gmtime())
 
 
 def _http_date():
+    """A timestamp as HTTP headers (and blob storage) write them."""
     return email.utils.formatdate(usegmt=True)
 
 
@@ -219,6 +221,7 @@ class FakeAzureML(HttpTransport):
         """Pollers sleep through their transport: the fake service never makes them wait."""
 
     def send(self, request, **kwargs):
+        """Record the request and answer it as the service would (an error status for a ServiceAnswer)."""
         call = self._record(request)
         with self._lock:
             try:
@@ -240,6 +243,7 @@ class FakeAzureML(HttpTransport):
 
     # --- state a test starts from ----------------------------------------------------------------------
     def workspace_path(self):
+        """The workspace's ARM resource path."""
         return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
                 f"/providers/{PROVIDER}/workspaces/{self.workspace}")
 
@@ -267,9 +271,11 @@ class FakeAzureML(HttpTransport):
                 "model": f"{self.workspace_path()}/models/finetune-phi-3-5-mini/versions/1"})
 
     def scoring_uri(self, endpoint):
+        """A managed online endpoint's scoring URI."""
         return f"https://{endpoint}.{self.location}.inference.ml.azure.com/score"
 
     def add_blob(self, container, name, content, metadata=None):
+        """A blob in the workspace's storage account."""
         self.blobs[(container, name)] = {"content": content if isinstance(content, bytes) else content.encode(),
                                          "metadata": dict(metadata or {}), "modified": _http_date()}
 
@@ -334,6 +340,7 @@ class FakeAzureML(HttpTransport):
 
     # --- requests and responses -------------------------------------------------------------------------------
     def _record(self, request):
+        """A Call for this request (legacy or azure.core.rest; a body may be bytes, text or a stream), kept."""
         if isinstance(request, LegacyHttpRequest):
             body = request.body if request.body is not None else request.data
         else:
@@ -383,6 +390,7 @@ class FakeAzureML(HttpTransport):
         return response
 
     def _route(self, call):
+        """(status, body, headers) from the handler for the request's host."""
         if call.host == ARM_HOST:
             return self._arm(call)
         if call.host == API_HOST:
@@ -403,6 +411,7 @@ class FakeAzureML(HttpTransport):
                                "lastModifiedByType": "User"}, **extra}
 
     def _arm(self, call):
+        """Azure Resource Manager: operation status, VM sizes, and the workspace's resources by path pattern."""
         operation = re.fullmatch(rf"/subscriptions/[^/]+/providers/{PROVIDER}/locations/[^/]+/"
                                  r"(mfeOperationsStatus|mfeOperationResults)/(.+)", call.path, re.IGNORECASE)
         if operation:

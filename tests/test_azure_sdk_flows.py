@@ -111,6 +111,7 @@ def run_main(capsys, module, *argv):
 
 
 def last_job():
+    """outputs/last_job.json as setup_ml.py left it."""
     return json.loads(Path(config.LAST_JOB_FILE).read_text(encoding="utf-8"))
 
 
@@ -123,6 +124,7 @@ def index_of(calls, predicate, start=0):
 
 
 def is_(method, path_end):
+    """A predicate for index_of: this method, a path ending so."""
     return lambda call: call.method == method and call.path.endswith(path_end)
 
 
