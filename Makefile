@@ -8,6 +8,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 PROMPTFLOW_PORT ?= 8080
+# make studio's port (MLflow's own default, 5000, is taken by AirPlay on macOS)
+STUDIO_PORT ?= 5050
 
 # No telemetry, no background services: Prompt flow keeps its settings in a project folder (.pf/), whose
 # pf.yaml (written below, as `pf config set telemetry.enabled=false trace.destination=none` would, but
@@ -20,7 +22,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: venv pf-config demo test chat eval bench clean
+.PHONY: venv pf-config demo test chat studio eval bench clean
 
 venv: $(STAMP) pf-config
 
@@ -45,6 +47,12 @@ test: venv
 # The chat page of step 4 (Prompt flow 1.18.5's default flask engine serves a broken page; fastapi works).
 chat: venv
 	$(VENV)/bin/pf flow serve --source ./ --port $(PROMPTFLOW_PORT) --host localhost --engine fastapi
+
+# The local studio: MLflow's UI on the local store (mlflow.db), on this machine only. Runs with their live loss
+# curves, the registered model versions (alias "serving": the one the local endpoint serves), evaluations.
+studio: venv
+	$(VENV)/bin/mlflow server --backend-store-uri "$$($(PY) -c 'import config; print(config.MLFLOW_TRACKING_URI)')" \
+		--host 127.0.0.1 --port $(STUDIO_PORT)
 
 # Base model vs fine-tuned, on the test split, through the flow.
 eval: venv

@@ -83,6 +83,8 @@ def parse_args(argv=None):
     train.add_argument("--eval-strategy", default="epoch", choices=["epoch", "steps", "no"])
     train.add_argument("--logging-steps", type=int, default=20)
     train.add_argument("--save-steps", type=int, default=500)
+    train.add_argument("--loss-curves", type=Path, default=None,
+                       help="also draw the loss curves into this PNG file (needs matplotlib; the local job sets it)")
     train.add_argument("--fast-exit", action="store_true",
                        help="end the process right after the summary, skipping Python's slow teardown of torch "
                             "(2-5 s); single-process runs only (setup_ml.py's local job uses it)")
@@ -218,22 +220,97 @@ def save_mlflow_model(model, tokenizer, output_dir):
     )
 
 
-def log_metrics_to_mlflow(args, metrics, log_history):
-    """Log parameters, the before/after metrics and the loss curve to the active MLflow tracking store."""
-    import mlflow
+class LiveMetrics:
+    """The job's MLflow run, open while it trains: parameters first, then metrics as the Trainer logs them, so
+    Azure ML's studio (and `make studio` locally) draws the curves live. No Hugging Face autolog: Azure ML caps a
+    run's parameters at 100. A tracking failure warns once and stops logging; it never fails the training."""
 
-    with mlflow.start_run(run_name=os.environ.get("FINETUNE_RUN_NAME")):
+    def __init__(self, args):
+        self.failed = False
+        self.last_tokens = None  # (tokens seen, time) at the last log, for tokens/s
+        self.call(self._start, args)
+
+    def _start(self, args):
+        """Open the run (inside an Azure ML job: the job's own run) and log the parameters."""
+        import mlflow
+
+        mlflow.start_run(run_name=os.environ.get("FINETUNE_RUN_NAME"))
         mlflow.log_params({
             "base_model": args.model_name, "epochs": args.epochs, "learning_rate": args.learning_rate,
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
             "lora_r": args.lora_r, "seed": args.seed, "packing": args.packing,
             "attn_implementation": args.attn_implementation,
         })
-        mlflow.log_metrics({key: value for key, value in metrics.items() if isinstance(value, (int, float))})
-        for entry in log_history:
-            for key in ("loss", "eval_loss"):
-                if key in entry:
-                    mlflow.log_metric(f"step_{key}", entry[key], step=entry["step"])
+
+    def call(self, function, *args):
+        """Run one tracking call; the first failure is a warning and ends the logging."""
+        if self.failed:
+            return
+        try:
+            function(*args)
+        except Exception as error:  # noqa: BLE001 - any tracking-server problem must not fail the training
+            self.failed = True
+            warnings.warn(f"MLflow logging stopped; training goes on. ({type(error).__name__}: {error})")
+
+    def log(self, metrics, step):
+        """Log numbers at a training step."""
+        import mlflow
+
+        numbers = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+        self.call(lambda: mlflow.log_metrics(numbers, step=step))
+
+    def on_trainer_log(self, logs, step):
+        """What the Trainer logs every --logging-steps: loss, learning rate, eval loss, and tokens/s since the last."""
+        figures = {key: logs[key] for key in ("loss", "eval_loss", "learning_rate", "grad_norm") if key in logs}
+        now, tokens = time.perf_counter(), logs.get("num_tokens")
+        if isinstance(tokens, (int, float)):
+            if self.last_tokens and now > self.last_tokens[1]:
+                figures["tokens_per_second"] = (tokens - self.last_tokens[0]) / (now - self.last_tokens[1])
+            self.last_tokens = (tokens, now)
+        self.log(figures, step)
+
+    def callback(self):
+        """A TrainerCallback that hands each log of rank 0 to on_trainer_log."""
+        from transformers import TrainerCallback
+
+        tracker = self
+
+        class LogToMlflow(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if state.is_world_process_zero and logs:
+                    tracker.on_trainer_log(logs, state.global_step)
+
+        return LogToMlflow()
+
+    def finish(self, metrics):
+        """Log the summary figures and close the run."""
+        import mlflow
+
+        self.log({key: value for key, value in metrics.items() if key != "global_step"}, metrics["global_step"])
+        self.call(mlflow.end_run)
+
+
+def plot_loss_curves(log_history, eval_before, eval_after, path):
+    """The training loss per logging step and the eval loss (before, per epoch, after) as a PNG (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    evals = [(0, eval_before)] + [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    evals.append((max([step for step, _ in train + evals] or [0]), eval_after))
+    figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        axes.plot(*zip(*train), label="training loss", color="tab:blue")
+    axes.plot(*zip(*evals), "o--", label="eval loss (test chats)", color="tab:orange")
+    axes.set(xlabel="step", ylabel="loss", title="Fine-tuning: loss", yscale="log")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    pyplot.close(figure)
 
 
 def print_summary(metrics, output_dir):
@@ -287,6 +364,9 @@ def main(argv=None):
     trainer = SFTTrainer(model=model, args=sft_config(args, use_bf16, use_cpu), train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=tokenizer)
     world_size = trainer.args.world_size
+    tracker = LiveMetrics(args) if is_main_process() else None
+    if tracker:
+        trainer.add_callback(tracker.callback())
 
     # --- Evaluate, train, evaluate ---
     eval_loss_before = trainer.evaluate()["eval_loss"]
@@ -312,12 +392,17 @@ def main(argv=None):
     save_mlflow_model(trainer.model, tokenizer, args.model_output_dir)
     metrics["wall_time_seconds"] = time.perf_counter() - started
 
-    # --- Log (optional: a tracking failure is a warning, not a failed job) ---
-    try:
-        log_metrics_to_mlflow(args, metrics, trainer.state.log_history)
-    except Exception as error:  # noqa: BLE001 - any tracking-server problem must not fail a trained job
-        warnings.warn(f"MLflow logging failed after training; the model is saved. ({type(error).__name__}: {error})")
+    # --- Log the summary and the pictures (optional: a failure is a warning, not a failed job) ---
+    tracker.finish(metrics)
+    if args.loss_curves:
+        try:
+            plot_loss_curves(trainer.state.log_history, eval_loss_before, eval_loss_after, args.loss_curves)
+        except Exception as error:  # noqa: BLE001 - a picture is not worth a failed job
+            warnings.warn(f"Could not draw {args.loss_curves} ({type(error).__name__}: {error})")
+            args.loss_curves = None
     print_summary(metrics, args.model_output_dir)
+    if args.loss_curves:
+        print(f"  loss curves  {args.loss_curves}")
     return 0
 
 

@@ -20,7 +20,7 @@ import config
 from job_record import model_output_dir
 from safe_write import atomic_write_text, update_env_file
 from stand_ins import endpoint_process
-from stand_ins.model_registry import register_local_model
+from stand_ins.model_registry import mark_serving, register_local_model, unmark_serving
 from step_errors import StepError, print_tail
 
 SLOTS = ("blue", "green")
@@ -119,10 +119,11 @@ def deploy_local(job, smoke_request, check_answer, foreground=False):
              "log": str(endpoint.log_path), "model_name": config.AZURE_MODEL_NAME, "model_version": version,
              "job_name": job["name"]}
     atomic_write_text(state_file(), json.dumps(state, indent=2) + "\n")
+    mark_serving(config.AZURE_MODEL_NAME, version)  # the studio shows which version serves
     if live:
         stop_previous(live)
     print(f"Wrote AZURE_ML_ENDPOINT and AZURE_ML_API_KEY to {config.shown(config.ENV_FILE)} (readable by you only).")
-    print(f"Local endpoint serves {config.AZURE_MODEL_NAME} v{version} at {endpoint.url}; "
+    print(f"Local endpoint serves {config.AZURE_MODEL_NAME} v{version} (alias 'serving') at {endpoint.url}; "
           f"log: {config.shown(endpoint.log_path)}; stop it with: python cleanup.py")
     if foreground:
         serve_in_foreground(endpoint)
@@ -179,4 +180,6 @@ def stop_local_endpoints():
         if records is not None:
             pid_file(slot).unlink(missing_ok=True)
     state_file().unlink(missing_ok=True)
+    if live.get("model_name"):
+        unmark_serving(live["model_name"])
     return stopped, problems

@@ -3,7 +3,8 @@
     register_local_model("finetune-phi-3-5-mini", "outputs/jobs/<job>/model_output", "<job>")  # -> "1", "2", ...
 
 Each registration is a new version whose source is the job's folder itself, so the endpoint serves exactly
-what was registered. `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows them.
+what was registered; the version the local endpoint serves carries the alias `serving` (set by deploy_model.py,
+removed by cleanup.py). `make studio` shows them (Models).
 """
 
 import config
@@ -23,3 +24,33 @@ def register_local_model(model_name, model_dir, job_name):
     print(f"Registered model {model_name}, version {version.version} (local MLflow registry, "
           f"source {config.shown(model_dir)})")
     return version.version
+
+
+SERVING_ALIAS = "serving"
+
+
+def mark_serving(model_name, version):
+    """Point the alias `serving` at the version the local endpoint now serves (a warning if MLflow refuses)."""
+    _set_alias(model_name, version)
+
+
+def unmark_serving(model_name):
+    """Remove the alias `serving`: nothing serves the model any more."""
+    _set_alias(model_name, None)
+
+
+def _set_alias(model_name, version):
+    """Set (or, with version None, delete) the alias; the registry is bookkeeping: a failure only warns."""
+    import warnings
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.MLFLOW_TRACKING_URI, registry_uri=config.MLFLOW_TRACKING_URI)
+    try:
+        if version is None:
+            client.delete_registered_model_alias(model_name, SERVING_ALIAS)
+        else:
+            client.set_registered_model_alias(model_name, SERVING_ALIAS, str(version))
+    except Exception as error:  # noqa: BLE001 - a missing model or alias, or a database error: not worth a failed step
+        if version is not None:
+            warnings.warn(f"Could not set the alias {SERVING_ALIAS!r} on {model_name} v{version}: {error}")

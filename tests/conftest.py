@@ -61,6 +61,46 @@ def stop_tree(pid, grace_s=15):
     psutil.wait_procs(alive, timeout=grace_s)
 
 
+# --- A real browser (the chat page and the studio) ------------------------------------------------------------
+# Headless Chromium from Debian (`apt-get install chromium chromium-driver`), driven by Selenium through Debian's
+# chromedriver; nothing is downloaded. Without the browser a test is skipped, except in CI (the variable CI is
+# set), where it fails.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,900"]
+def require_browser():
+    """Skip without Chromium and its driver; in CI their absence is a failure."""
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
+    if missing:
+        reason = f"no {', '.join(missing)}: install them with `apt-get install chromium chromium-driver`"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def browser(monkeypatch):
+    """Headless Chromium with a fresh profile; Selenium Manager is never asked to download anything."""
+    import tempfile
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    require_browser()
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        for flag in BROWSER_FLAGS + [f"--user-data-dir={profile}"]:
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
 def run_script(*args, env=None, timeout=600, cwd=PROJECT_DIR):
     """Run a project command the way a user types it; returns the CompletedProcess (text)."""
     return subprocess.run(

@@ -5,33 +5,17 @@ Debian's chromedriver; nothing is downloaded. Without the browser the test is sk
 the variable CI is set), where it fails. The screenshot lands in <WORK_DIR>/screenshots/chat_page.png.
 """
 
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import PROJECT_DIR, WORK_DIR, free_port, stop_tree
+from conftest import PROJECT_DIR, WORK_DIR, free_port, require_browser, stop_tree
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1280,900"]
 ANSWER_TIMEOUT_S = 60
-
-
-def require_browser():
-    """Skip without Chromium and its driver; in CI their absence is a failure."""
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
-    if missing:
-        reason = f"no {', '.join(missing)}: install them with `apt-get install chromium chromium-driver`"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -61,26 +45,6 @@ def chat_server(demo_run):
         yield url
     finally:
         stop_tree(process.pid)
-
-
-@pytest.fixture
-def browser(monkeypatch):
-    """Headless Chromium with a fresh profile; Selenium Manager is never asked to download anything."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    require_browser()
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        for flag in BROWSER_FLAGS + [f"--user-data-dir={profile}"]:
-            options.add_argument(flag)
-        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-        try:
-            yield driver
-        finally:
-            driver.quit()
 
 
 def send(driver, text):
