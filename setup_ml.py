@@ -61,8 +61,10 @@ def create_fine_tuning_job(env, compute_name, job_name=None):
     from azure.ai.ml.constants import AssetTypes
 
     # On a GPU SKU the job stops with the reason when torch sees no GPU, instead of training on the CPU.
+    # outputs/ of a job is uploaded to its run by Azure ML: the loss curves' PNG shows under the job's Outputs.
     args = training_command("${{inputs.train_file}}", "${{inputs.eval_file}}", "${{outputs.model_output}}",
-                            ["--model-name", config.AZURE_BASE_MODEL_NAME, *([] if config.USE_CPU_COMPUTE else ["--require-gpu"])])
+                            ["--model-name", config.AZURE_BASE_MODEL_NAME, "--loss-curves", "outputs/loss_curves.png",
+                             *([] if config.USE_CPU_COMPUTE else ["--require-gpu"])])
     distributed = config.INSTANCE_COUNT > 1 or config.PROCESSES_PER_NODE > 1
     return command(
         name=job_name,

@@ -5,10 +5,12 @@ module imports a script. Nothing a test does touches the user's .env, data/, mod
 mlflow.db, and no test reaches the network.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -40,10 +42,34 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(WORK_DIR, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def server_process(command, health_url, log_name, cwd=PROJECT_DIR, env=None, timeout_s=90):
+    """Run a server command (its own process group, output in WORK_DIR/log_name) until `health_url` answers 200;
+    yield; then stop it and everything it started. A server that exits or never answers fails with its log."""
+    import requests
+
+    log_path = WORK_DIR / log_name
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([str(part) for part in command], cwd=cwd, env=env or os.environ.copy(), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert process.poll() is None, f"{command[0]} exited:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"{command[0]} did not answer:\n{log_path.read_text()[-3000:]}"
+            try:  # a busy server (one sync worker loading its model) may not answer at once
+                if requests.get(health_url, timeout=5).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            time.sleep(0.3)
+        yield process
+    finally:
+        stop_tree(process.pid)
+
+
 def stop_tree(pid, grace_s=15):
     """Terminate a process and everything it started (psutil), then kill what is left after grace_s."""
-    import contextlib
-
     import psutil
 
     try:

@@ -5,15 +5,12 @@ Debian's chromedriver; nothing is downloaded. Without the browser the test is sk
 the variable CI is set), where it fails. The screenshot lands in <WORK_DIR>/screenshots/chat_page.png.
 """
 
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from conftest import PROJECT_DIR, WORK_DIR, free_port, require_browser, stop_tree
+from conftest import PROJECT_DIR, WORK_DIR, free_port, require_browser, server_process
 
 ANSWER_TIMEOUT_S = 60
 
@@ -23,28 +20,11 @@ def chat_server(demo_run):
     """`pf flow serve ... --engine fastapi` (what `make chat` runs) on a free port, in front of the local endpoint."""
     require_browser()
     port = free_port()
-    log_path = WORK_DIR / "pf-flow-serve.log"
     pf = Path(sys.executable).parent / "pf"
-    command = [str(pf), "flow", "serve", "--source", str(PROJECT_DIR), "--port", str(port), "--host", "localhost",
-               "--engine", "fastapi", "--skip-open-browser"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://localhost:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"pf flow serve exited:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"pf flow serve did not start:\n{log_path.read_text()[-3000:]}"
-            try:
-                if requests.get(url + "health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.3)
-        yield url
-    finally:
-        stop_tree(process.pid)
+    command = [pf, "flow", "serve", "--source", PROJECT_DIR, "--port", port, "--host", "localhost", "--engine", "fastapi",
+               "--skip-open-browser"]
+    with server_process(command, f"http://localhost:{port}/health", "pf-flow-serve.log", timeout_s=60):
+        yield f"http://localhost:{port}/"
 
 
 def send(driver, text):

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import PROJECT_DIR, free_port, read_env_file, stop_tree
+from conftest import PROJECT_DIR, free_port, read_env_file, server_process
 
 ENV_CACHE = Path(os.environ.get("FINETUNE_PHI_ENV_CACHE", Path.home() / ".cache" / "finetune-phi" / "envs"))
 
@@ -147,27 +146,12 @@ def azure_inference_server(trained_model_dir):
     from scoring_dir/conda.yml alone; yields its base URL."""
     venv = conda_venv(PROJECT_DIR / "scoring_dir" / "conda.yml")
     port = free_port()
-    log = (ENV_CACHE / f"azmlinfsrv-{port}.log").open("w")
     env = {**os.environ, "AZUREML_MODEL_DIR": str(trained_model_dir), "WORKER_COUNT": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([str(venv / "bin" / "python"), "-m", "azureml_inference_server_http.amlserver",
-                                "--entry_script", "score.py", "--model_dir", str(trained_model_dir), "--port", str(port)],
-                               cwd=PROJECT_DIR / "scoring_dir", env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, f"azmlinfsrv exited:\n{Path(log.name).read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"azmlinfsrv did not start:\n{Path(log.name).read_text()[-3000:]}"
-            try:  # the one sync worker answers nothing while init() loads the model
-                if requests.get(url + "/", timeout=5).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop_tree(process.pid)
-        log.close()
+    command = [venv / "bin" / "python", "-m", "azureml_inference_server_http.amlserver", "--entry_script", "score.py",
+               "--model_dir", trained_model_dir, "--port", port]
+    with server_process(command, f"http://127.0.0.1:{port}/", "azmlinfsrv.log", cwd=PROJECT_DIR / "scoring_dir",
+                        env=env, timeout_s=180):
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_azures_inference_server_runs_score_py_from_its_conda_file(azure_inference_server):

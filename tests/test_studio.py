@@ -5,17 +5,13 @@ The screenshot lands in <WORK_DIR>/screenshots/studio_run.png.
 """
 
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
 import config
-from conftest import PROJECT_DIR, WORK_DIR, free_port, require_browser, stop_tree
+from conftest import WORK_DIR, free_port, require_browser, server_process
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")  # MLflow's SQL store, on SQLAlchemy 2.1
@@ -41,26 +37,9 @@ def studio(demo_run):
     """`make studio` on a free port (its own process group); yields its URL and stops it afterwards."""
     require_browser()
     venv, port = Path(sys.prefix), free_port()
-    log_path = WORK_DIR / "studio.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(["make", "studio", f"VENV={venv}", "-o", str(venv / ".requirements-installed"),
-                                    f"STUDIO_PORT={port}"], cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=os.environ.copy(), start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"make studio exited:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"make studio did not start:\n{log_path.read_text()[-3000:]}"
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop_tree(process.pid)
+    command = ["make", "studio", f"VENV={venv}", "-o", venv / ".requirements-installed", f"STUDIO_PORT={port}"]
+    with server_process(command, f"http://127.0.0.1:{port}/health", "studio.log"):
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_the_loss_curve_was_logged_while_the_job_trained(demo_run):
