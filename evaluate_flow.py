@@ -1,29 +1,27 @@
-"""Evaluate the flow on the test chats with a Prompt flow batch run: token F1, exact match, latency, errors.
+"""Evaluate the flow on the test chats: a Prompt flow batch run, scored with azure-ai-evaluation, logged to MLflow.
 
     python evaluate_flow.py                    # every row of data/test_data.jsonl, endpoint from .env
     python evaluate_flow.py --limit 20         # the first 20 rows: a quick look
     python evaluate_flow.py --compare-base     # also the untrained base model (TARGET=local), side by side
+    python evaluate_flow.py --nltk-metrics     # also BLEU, GLEU, METEOR (their NLTK data is downloaded once)
     OTHER_KEY=... python evaluate_flow.py --endpoint-url https://other.eastus2.inference.ml.azure.com/score \\
         --api-key-env OTHER_KEY --label other  # also any second endpoint (e.g. on Azure), side by side
+    mlflow ui --backend-store-uri sqlite:///mlflow.db   # experiment phi-3-evaluation: one run per endpoint
 
-Each test chat's first user turn is asked through flow.dag.yml with `pf.run` (Prompt flow's batch run, one
-line per question) and the answer is scored against the chat's first assistant turn: exact match and token
-F1 after lower-casing and dropping punctuation and articles (SQuAD's normalization). Latency is Prompt flow's
-own duration of each line, i.e. the endpoint round trip including retries; lines run one after another
-(--workers 1), so it is the endpoint's latency, not time spent queueing behind our own requests.
+Each test chat's first user turn is asked through flow.dag.yml with `pf.run` (Prompt flow's batch run; latency is
+its duration of each line, the endpoint round trip: lines run one after another, --workers 1). azure-ai-evaluation's
+`evaluate()` scores each answer against the chat's first assistant turn (metrics.py: exact match, F1, ROUGE-L; a
+line without an answer scores 0). Each endpoint's evaluation is an MLflow run in MLFLOW_TRACKING_URI.
 
-Writes outputs/eval/questions.jsonl (what was asked), outputs/eval/<label>/rows.jsonl (one line per question:
-answer, reference, f1, exact_match, latency_s, error), outputs/eval/<label>/summary.md, and
-outputs/eval/summary.md (all endpoints side by side), and prints that table.
-
---compare-base serves the untrained base model (LOCAL_BASE_MODEL_DIR, a plain transformers folder) with the
-local endpoint's server on a free port and a key of its own (stand_ins.endpoint_process.serve_model), points
-the flow at it for that run only (through environment variables of this process) and stops it afterwards.
+Writes outputs/eval/questions.jsonl; per endpoint outputs/eval/<label>/ rows.jsonl (per question: answer, reference,
+scores, latency_s, error), evaluation_results.json and evaluate.log (evaluate()'s output and run summaries),
+summary.md; outputs/eval/summary.md (side by side, printed), comparison.png and mlruns/ (the runs' artifacts).
 """
 
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -33,10 +31,19 @@ from pathlib import Path
 from unittest import mock
 
 import config
-from metrics import exact_match, summarize, summary_table, token_f1
+import metrics
 
 FLOW_DIR = config.PROJECT_DIR  # flow.dag.yml
 DEFAULT_OUTPUT_DIR = config.PROJECT_DIR / "outputs" / "eval"
+EXPERIMENT_NAME = "phi-3-evaluation"  # the MLflow experiment of these runs (training logs to AZURE_EXPERIMENT_NAME)
+
+
+def write_jsonl(path, rows):
+    """Write rows as JSON lines; returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
 
 # --- Test data ------------------------------------------------------------------------------------
 def first_exchange(messages):
@@ -62,89 +69,90 @@ def write_questions(data_path, output_path, limit=None):
             break
     if not rows:
         raise SystemExit(f"error: {config.shown(data_path)} has no chat with a user turn and its answer")
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    output_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    write_jsonl(output_path, rows)
     return rows
 
 
-# --- One batch run --------------------------------------------------------------------------------
-def line_records(run):
-    """Prompt flow's record of each line of a run: {line number: run_info} (status, output, error, duration)."""
-    folder = Path(run.properties["output_path"]) / "flow_artifacts"
-    records = {}
-    for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                records[record["line_number"]] = record["run_info"]
-    return records
-
-
-def score_run(run, questions):
-    """One result row per question: the answer, its scores, latency and error."""
-    records = line_records(run)
+# --- One batch run of the flow --------------------------------------------------------------------
+def answers_of(run, questions):
+    """One row per question: its reference, the flow's answer ("" when the line failed), latency and error."""
+    records = {}  # Prompt flow's record of each line: run_info (status, output, error, duration)
+    for path in sorted((Path(run.properties["output_path"]) / "flow_artifacts").glob("*.jsonl")):
+        for record in map(json.loads, filter(str.strip, path.read_text(encoding="utf-8").splitlines())):
+            records[record["line_number"]] = record["run_info"]
     rows = []
     for number, question in enumerate(questions):
         info = records.get(number) or {}
-        answer = (info.get("output") or {}).get("answer")
-        error = None
+        answer, error = (info.get("output") or {}).get("answer"), None
         if info.get("status") != "Completed" or not isinstance(answer, str):
             error = ((info.get("error") or {}).get("message") or f"line {number} has no answer").strip()
-            answer = None
-        rows.append({
-            "line": number,
-            "question": question["input_data"],
-            "reference": question["reference"],
-            "answer": answer,
-            "f1": round(token_f1(answer, question["reference"]), 4) if answer is not None else 0.0,
-            "exact_match": exact_match(answer, question["reference"]) if answer is not None else 0.0,
-            "latency_s": (info.get("system_metrics") or {}).get("duration"),
-            "error": error,
-        })
+            answer = ""  # scored like a wrong answer: 0
+        rows.append({"line": number, "question": question["input_data"], "reference": question["reference"],
+                     "answer": answer, "latency_s": (info.get("system_metrics") or {}).get("duration"), "error": error})
     return rows
 
 
-def evaluate(pf, label, questions_path, questions, endpoint_url, api_key=None, workers=1):
-    """Batch-run the flow over the questions against one endpoint; returns (rows, run name).
-
-    With api_key None the flow reads the endpoint from .env, as in the chat; otherwise URL and key are set
-    as environment variables for this run only.
-    """
+def batch_run(pf, label, questions_path, questions, endpoint_url, api_key=None, workers=1):
+    """Batch-run the flow over the questions against one endpoint (api_key None: .env's); returns (rows, run name)."""
     values = {"PF_WORKER_COUNT": str(workers)}  # lines run at once; Prompt flow's default is 4
     if api_key is not None:
         values.update({"AZURE_ML_ENDPOINT": endpoint_url, "AZURE_ML_API_KEY": api_key})
     print(f"\n=== {label}: {len(questions)} question(s) -> {endpoint_url}")
     # Not pf.run(environment_variables=...): Prompt flow would store the key in its run records (~/.promptflow).
     with mock.patch.dict(os.environ, values):
-        run = pf.run(
-            flow=FLOW_DIR,
-            data=str(questions_path),
-            column_mapping={"input_data": "${data.input_data}"},  # chat_history keeps its default: []
-            display_name=f"evaluate_flow {label}",
-            tags={"label": label, "endpoint": endpoint_url},
-            stream=False,
-        )
+        run = pf.run(flow=FLOW_DIR, data=str(questions_path),
+                     column_mapping={"input_data": "${data.input_data}"},  # chat_history keeps its default: []
+                     display_name=f"evaluate_flow {label}", tags={"label": label, "endpoint": endpoint_url}, stream=False)
     if run.status != "Completed":
         raise SystemExit(f"error: the batch run {run.name} {run.status}; its log: {run.properties['output_path']}/logs.txt")
-    return score_run(run, questions), run.name
+    return answers_of(run, questions), run.name
 
 
-def write_results(output_dir, label, rows, summary, endpoint_url, run_name):
-    """rows.jsonl and summary.md for one endpoint."""
-    folder = output_dir / label
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "rows.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
-                                       encoding="utf-8")
-    (folder / "summary.md").write_text(
-        f"# {label}\n\nEndpoint: {endpoint_url}  \nPrompt flow run: {run_name}\n\n"
-        + summary_table({label: summary}), encoding="utf-8")
-    return folder
+# --- Scores (azure-ai-evaluation) and records (files, MLflow) -------------------------------------
+def score_answers(rows, folder, nltk_metrics=False):
+    """Score each answer against its reference with azure-ai-evaluation's evaluate(); adds the scores to rows."""
+    from azure.ai.evaluation import evaluate
+
+    # evaluate() prints each evaluator's run summary (to evaluate.log); 1.18.10 warns none has an aggregate (none needs one)
+    logging.getLogger("run").addFilter(lambda record: "Aggregated metrics for evaluator" not in record.getMessage())
+    data, log_path = write_jsonl(folder / "rows.jsonl", rows), folder / "evaluate.log"  # rewritten with the scores
+    with open(log_path, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        result = evaluate(data=data, evaluators=metrics.evaluators(nltk_metrics), evaluator_config=metrics.COLUMN_MAPPING,
+                          output_path=folder / "evaluation_results.json")
+    scored = {row["inputs.line"]: metrics.scores_of(row) for row in result["rows"]}
+    for row in rows:
+        row.update(scored[row["line"]])
+        if None in scored[row["line"]].values():
+            raise SystemExit(f"error: evaluate() could not score line {row['line']}: see {config.shown(log_path)}")
+    write_jsonl(data, rows)
+    return rows
+
+
+def log_runs(evaluations, chart, output_dir):
+    """One MLflow run per endpoint: params (never the key), metrics, the per-question table, its files, the chart."""
+    import mlflow
+
+    mlflow.set_tracking_uri(config.MLFLOW_TRACKING_URI)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+    # MLflow's default artifact folder is ./mlruns of wherever the command runs: keep them beside the results.
+    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(
+        EXPERIMENT_NAME, artifact_location=(output_dir / "mlruns").as_uri())
+    run_ids = {}
+    for label, (rows, summary, params, folder) in evaluations.items():
+        with mlflow.start_run(experiment_id=experiment_id, run_name=label) as run:
+            mlflow.log_params({"label": label, **params, "rows": summary["rows"]})
+            mlflow.log_metrics({name: value for name, value in summary.items() if name != "rows" and value is not None})
+            mlflow.log_table({column: [row[column] for row in rows] for column in rows[0]}, artifact_file="rows.json")
+            mlflow.log_artifacts(str(folder), artifact_path=label)
+            mlflow.log_artifact(str(chart))
+        run_ids[label] = run.info.run_id
+    return run_ids
 
 
 # --- The base model behind a temporary local endpoint ---------------------------------------------
 @contextlib.contextmanager
 def base_model_endpoint():
-    """Serve the untrained base model on a free port with a fresh key until the block ends; yields (url, key)."""
+    """Serve the untrained base model (LOCAL_BASE_MODEL_DIR) on a free port with a fresh key; yields (url, key)."""
     from stand_ins.endpoint_process import serve_model
     from stand_ins.job_runner import base_model
     from step_errors import StepError
@@ -167,14 +175,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=config.TEST_DATA_PATH, help="test chats (default: TEST_DATA_PATH)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N chats")
-    parser.add_argument("--compare-base", action="store_true",
-                        help="also evaluate the untrained base model, served by a temporary local endpoint")
+    parser.add_argument("--compare-base", action="store_true", help="also the base model, on a temporary local endpoint")
     parser.add_argument("--endpoint-url", default=None, help="also evaluate this endpoint (its scoring URL)")
-    parser.add_argument("--api-key-env", default=None,
-                        help="the environment variable holding --endpoint-url's key (never the key itself)")
+    parser.add_argument("--api-key-env", default=None, help="the variable holding --endpoint-url's key (never the key)")
     parser.add_argument("--label", default="other", help="column name for --endpoint-url (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="questions in flight at once; more is faster, but latency then includes queueing")
+    parser.add_argument("--workers", type=int, default=1, help="questions in flight (latency then includes queueing)")
+    parser.add_argument("--nltk-metrics", action="store_true", help="also BLEU, GLEU, METEOR (need NLTK data)")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="default: outputs/eval")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -190,11 +196,14 @@ def parse_args(argv=None):
     if args.compare_base and config.TARGET != "local":
         parser.error("--compare-base serves the local tiny base model; to compare with a base model on Azure, "
                      "deploy it and pass --endpoint-url and --api-key-env")
+    if args.nltk_metrics and (missing := metrics.missing_nltk_data()):
+        parser.error("--nltk-metrics needs NLTK data that is neither installed nor downloadable now (offline?): run "
+                     f"`python -m nltk.downloader {' '.join(missing)}` with internet access, or leave out --nltk-metrics")
     return args
 
 
 def main(argv=None):
-    """Evaluate the fine-tuned endpoint (and the base model or another endpoint) and print the table."""
+    """Evaluate the fine-tuned endpoint (and the base model or another endpoint), print the table, draw the bars."""
     args = parse_args(argv)
     try:  # a missing setting fails here, before Prompt flow starts
         endpoint_url, _ = config.fresh("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", hint="`python deploy_model.py` writes them")
@@ -211,22 +220,29 @@ def main(argv=None):
     targets = [("fine-tuned", endpoint_url, None)]
     if args.endpoint_url:
         targets.append((args.label, args.endpoint_url, os.environ[args.api_key_env].strip()))
-    summaries = {}
+    evaluations = {}  # label -> (rows, summary, MLflow params, folder)
     with contextlib.ExitStack() as stack:
         if args.compare_base:
             targets.insert(1, ("base", *stack.enter_context(base_model_endpoint())))
         for label, url, key in targets:
-            rows, run_name = evaluate(pf, label, questions_path, questions, url, key, args.workers)
-            summaries[label] = summarize(rows)
-            folder = write_results(output_dir, label, rows, summaries[label], url, run_name)
+            rows, run_name = batch_run(pf, label, questions_path, questions, url, key, args.workers)
+            folder = output_dir / label
+            summary = metrics.summarize(score_answers(rows, folder, args.nltk_metrics))
+            (folder / "summary.md").write_text(f"# {label}\n\nEndpoint: {url}  \nPrompt flow run: {run_name}\n\n"
+                                               + metrics.summary_table({label: summary}), encoding="utf-8")
+            params = {"endpoint_url": url, "data": config.shown(args.data), "promptflow_run": run_name}
+            evaluations[label] = (rows, summary, params, folder)
             print(f"{label}: {config.shown(folder / 'rows.jsonl')}, {config.shown(folder / 'summary.md')}")
-            for row in rows:
-                if row["error"]:
-                    print(f"  first error (line {row['line']}): {row['error'][:300]}")
-                    break
-    table = summary_table(summaries)
+            if failed := [row for row in rows if row["error"]]:
+                print(f"  {len(failed)} error(s); the first (line {failed[0]['line']}): {failed[0]['error'][:300]}")
+    summaries = {label: summary for label, (_, summary, _, _) in evaluations.items()}
+    table = metrics.summary_table(summaries)
     (output_dir / "summary.md").write_text(f"# Evaluation of {config.shown(args.data)}\n\n{table}", encoding="utf-8")
-    print(f"\n{table}\nWritten to {config.shown(output_dir / 'summary.md')}")
+    chart = metrics.comparison_chart(summaries, output_dir / "comparison.png")
+    run_ids = log_runs(evaluations, chart, output_dir)
+    print(f"\n{table}\nWritten to {config.shown(output_dir / 'summary.md')}; the picture: {config.shown(chart)}")
+    print(f"MLflow experiment {EXPERIMENT_NAME}, runs " + ", ".join(f"{label} {run}" for label, run in run_ids.items())
+          + f"; to see them: mlflow ui --backend-store-uri {config.MLFLOW_TRACKING_URI}")
     return 0
 
 
