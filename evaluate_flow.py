@@ -6,7 +6,7 @@
     python evaluate_flow.py --nltk-metrics     # also BLEU, GLEU, METEOR (their NLTK data is downloaded once)
     OTHER_KEY=... python evaluate_flow.py --endpoint-url https://other.eastus2.inference.ml.azure.com/score \\
         --api-key-env OTHER_KEY --label other  # also any second endpoint (e.g. on Azure), side by side
-    mlflow ui --backend-store-uri sqlite:///mlflow.db   # experiment phi-3-evaluation: one run per endpoint
+    make studio                                # MLflow's UI: experiment phi-3-evaluation, one run per endpoint
 
 Each test chat's first user turn is asked through flow.dag.yml with `pf.run` (Prompt flow's batch run; latency is
 its duration of each line, the endpoint round trip: lines run one after another, --workers 1). azure-ai-evaluation's
@@ -242,7 +242,7 @@ def main(argv=None):
     run_ids = log_runs(evaluations, chart, output_dir)
     print(f"\n{table}\nWritten to {config.shown(output_dir / 'summary.md')}; the picture: {config.shown(chart)}")
     print(f"MLflow experiment {EXPERIMENT_NAME}, runs " + ", ".join(f"{label} {run}" for label, run in run_ids.items())
-          + f"; to see them: mlflow ui --backend-store-uri {config.MLFLOW_TRACKING_URI}")
+          + "; to see them: make studio")
     return 0
 
 
