@@ -7,7 +7,8 @@
 - `validate(...)`: offline checks of entities with azure-ai-ml's own schemas (dump -> load_*), for --dry-run.
 - `wait_with_progress(...)`, `print_job_log_tail(...)`, `print_deployment_log_tail(...)`: waiting and logs.
 - blue/green housekeeping of an online endpoint: `next_slot`, `check_existing_endpoint`, `delete_if_failed`,
-  `retire_previous`.
+  `retire_previous`; `check_deploy_names()`: the endpoint's and both deployments' names.
+- the serverless road (serverless.py): `get_registry_client(...)`, `validate_rest_entity(...)`.
 """
 
 import contextlib
@@ -246,3 +247,36 @@ def retire_previous(ml_client, endpoint, deployment_name, keep):
         wait_with_progress(ml_client.online_deployments.begin_delete(name=name, endpoint_name=endpoint.name),
                            f"deleting the previous deployment {name}")
         print(f"Deleted the previous deployment {name} (0% traffic; --keep-previous keeps one for a rollback).")
+
+
+# --- The serverless road (serverless.py) -----------------------------------------------------------------
+def check_deploy_names():
+    """Azure's naming rules for the endpoint and both blue/green deployments, before anything is sent."""
+    check_name(config.AZURE_ENDPOINT_NAME, "AZURE_ENDPOINT_NAME", 32, "endpoint")
+    for slot in SLOTS:  # "-green" is one character longer than "-blue": both must fit
+        check_name(f"{config.AZURE_DEPLOYMENT_NAME}-{slot}", "AZURE_DEPLOYMENT_NAME", 32, "deployment")
+
+
+def get_registry_client(registry_name):
+    """An MLClient for a registry (azureml: the model catalogue), signed in like get_ml_client()."""
+    from azure.ai.ml import MLClient
+    from azure.identity import AzureCliCredential
+
+    return MLClient(credential=AzureCliCredential(), registry_name=registry_name)
+
+
+def validate_rest_entity(entity, loader, title):
+    """validate() for azure-ai-ml's REST-shaped entities (ServerlessEndpoint), which have no dump(): their fields as
+    YAML -> load_* (which checks required fields and types); returns the YAML. No network."""
+    import yaml
+    from marshmallow import ValidationError
+
+    text = yaml.safe_dump(without_nulls(json.loads(json.dumps(dict(entity)))), sort_keys=False)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "entity.yml"
+        path.write_text(text)
+        try:
+            loader(path)
+        except (ValidationError, ValueError) as error:
+            raise StepError(f"The {title.lower()} does not validate: {getattr(error, 'messages', error)}") from None
+    return text

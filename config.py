@@ -61,8 +61,9 @@ def _path(name, default):
 
 # --- Where the steps run -------------------------------------------------------------------------
 TARGET = _str("TARGET", "local")  # "local": this machine, no Azure account; "azure": Azure Machine Learning
-if TARGET not in ("local", "azure"):
-    raise ValueError(f"TARGET={TARGET!r} is not known; set TARGET to local or azure")
+# "serverless": Azure AI Foundry's serverless fine-tuning and a serverless API endpoint (pay per token)
+if TARGET not in ("local", "azure", "serverless"):
+    raise ValueError(f"TARGET={TARGET!r} is not known; set TARGET to local, azure or serverless")
 
 # --- Azure: subscription, workspace and managed identity (Scenario 1) ----------------------------
 AZURE_SUBSCRIPTION_ID = _str("AZURE_SUBSCRIPTION_ID", "<your-subscription-id>")  # `az account show --query id`
@@ -81,7 +82,7 @@ DATASET_NAME = _str("DATASET_NAME", "HuggingFaceH4/ultrachat_200k")
 DATASET_CONFIG = _str("DATASET_CONFIG", "default")
 DATASET_SPLIT = _str("DATASET_SPLIT", "train_sft[:1%]")  # ~2,079 rows; the tutorial's CPU path uses "train_sft[:10]"
 # "hub" loads DATASET_NAME from the Hugging Face Hub; "sample" loads the bundled file below (no internet).
-DATASET_SOURCE = _str("DATASET_SOURCE", "hub" if TARGET == "azure" else "sample")
+DATASET_SOURCE = _str("DATASET_SOURCE", "sample" if TARGET == "local" else "hub")
 SAMPLE_DATASET_PATH = _path("SAMPLE_DATASET_PATH", "sample_data/chat_sample.jsonl")  # 330 chats (110 facts x 3 wordings), ultrachat schema
 SAMPLE_DATASET_SPLIT = _str("SAMPLE_DATASET_SPLIT", "train_sft")  # all of it; it is small
 TEST_SPLIT_RATIO = _float("TEST_SPLIT_RATIO", 0.2)  # the tutorial's 80/20 split
@@ -169,6 +170,34 @@ LOCAL_ENDPOINT_HOST = _str("LOCAL_ENDPOINT_HOST", "127.0.0.1")  # 0.0.0.0 expose
 LOCAL_ENDPOINT_PORT = _int("LOCAL_ENDPOINT_PORT", 5001)
 LOCAL_ENDPOINT_DIR = _path("LOCAL_ENDPOINT_DIR", "outputs/endpoint")  # pid, log and state of the local endpoint
 MAX_REQUEST_BYTES = _int("MAX_REQUEST_BYTES", 1_000_000)  # larger bodies get 413
+
+# --- The serverless road (TARGET=serverless): Azure AI Foundry fine-tunes and hosts, billed per token ------
+# Needs a pay-as-you-go subscription, a hub-based project (its name goes in AZURE_ML_WORKSPACE_NAME) in a region
+# that fine-tunes the model serverless, Microsoft.Network registered, and the Azure AI Developer role (README).
+# Catalogue models this road knows, by the registry id the fine-tuning job takes (versions: see the next setting).
+SERVERLESS_MODELS = {
+    "Phi-4-mini-instruct": "azureml://registries/azureml/models/Phi-4-mini-instruct",  # 128k context, newer
+    "Phi-3.5-mini-instruct": "azureml://registries/azureml/models/Phi-3.5-mini-instruct",  # the tutorial's model
+}
+SERVERLESS_BASE_MODEL = _str("SERVERLESS_BASE_MODEL", "Phi-4-mini-instruct")  # a key of SERVERLESS_MODELS
+if SERVERLESS_BASE_MODEL not in SERVERLESS_MODELS:
+    raise ValueError(f"SERVERLESS_BASE_MODEL={SERVERLESS_BASE_MODEL!r} is not known; use one of {', '.join(SERVERLESS_MODELS)}")
+# Empty: the version labelled "latest" in the azureml registry, looked up when the job is submitted (and recorded).
+SERVERLESS_BASE_MODEL_VERSION = _str("SERVERLESS_BASE_MODEL_VERSION", "")
+# Regions where the project may be (serverless fine-tuning of Phi runs in East US 2); empty skips the check.
+SERVERLESS_REGIONS = tuple(r.strip() for r in _str("SERVERLESS_REGIONS", "eastus2").split(",") if r.strip())
+# The hyperparameters of Azure's chat-completion fine-tuning (strings on the wire). The tutorial's values:
+SERVERLESS_EPOCHS = _int("SERVERLESS_EPOCHS", 3)  # each epoch is billed per training token: 2x epochs, 2x cost
+SERVERLESS_LEARNING_RATE = _float("SERVERLESS_LEARNING_RATE", 5e-6)  # higher learns faster, forgets more
+SERVERLESS_BATCH_SIZE = _int("SERVERLESS_BATCH_SIZE", 4)  # per device; larger is steadier and needs more memory
+# Step 1 writes these (messages only, the format Azure's chat-completion fine-tuning reads); step 2 uploads them.
+CHAT_TRAIN_DATA_PATH = _path("CHAT_TRAIN_DATA_PATH", "data/train_chat.jsonl")
+CHAT_TEST_DATA_PATH = _path("CHAT_TEST_DATA_PATH", "data/test_chat.jsonl")
+SERVERLESS_MODEL_PREFIX = _str("SERVERLESS_MODEL_PREFIX", "phi-ft-serverless")  # the fine-tuned model's name prefix
+SERVERLESS_ENDPOINT_NAME = _str("SERVERLESS_ENDPOINT_NAME", "<your-serverless-endpoint-name>")  # 3-32, unique per project
+SERVERLESS_POLL_SECONDS = _int("SERVERLESS_POLL_SECONDS", 30)  # how often step 2 asks for the job's status
+SERVERLESS_SETTINGS = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP_NAME", "AZURE_ML_WORKSPACE_NAME")
+SERVERLESS_DEPLOY_SETTINGS = SERVERLESS_SETTINGS + ("SERVERLESS_ENDPOINT_NAME",)
 
 # --- Step 4: calling the endpoint (integrate_with_promptflow.py) ---------------------------------
 # Written by deploy_model.py (local: a fresh key; Azure: read through the SDK). Never commit them.

@@ -3,6 +3,7 @@
     python deploy_model.py                          # local: MLflow registry + an endpoint on 127.0.0.1:5001
     TARGET=azure python deploy_model.py             # Azure ML managed online endpoint on Standard_E4s_v3
     TARGET=azure python deploy_model.py --dry-run   # builds and validates model, endpoint, deployment; no network
+    TARGET=serverless python deploy_model.py        # a serverless endpoint for the model step 2 fine-tuned (serverless.py)
 
 The job comes from outputs/last_job.json (written by setup_ml.py) or --job-name. Both targets deploy
 blue/green: the new deployment is started next to the one serving, sent a smoke request, and only then
@@ -22,9 +23,11 @@ import tempfile
 from pathlib import Path
 
 import config
-from azure_ml import (SLOTS, azure_errors, check_existing_endpoint, check_name, delete_if_failed, get_ml_client,
-                      next_slot, print_deployment_log_tail, print_validated, retire_previous, wait_with_progress)
+from azure_ml import (SLOTS, azure_errors, check_deploy_names as check_names, check_existing_endpoint, delete_if_failed,
+                      get_ml_client, next_slot, print_deployment_log_tail, print_validated, retire_previous,
+                      wait_with_progress)
 from job_record import find_job, read_last_job
+import serverless
 from safe_write import update_env_file
 from step_errors import StepError, exit_with
 
@@ -179,14 +182,7 @@ def build_deployment(endpoint_name, deployment_name, model):
     )
 
 
-# --- Names and the smoke request (not in the tutorial: a bad model never gets the traffic) ---------------
-def check_names():
-    """Azure's naming rules for the endpoint and both blue/green deployments, before anything is sent."""
-    check_name(config.AZURE_ENDPOINT_NAME, "AZURE_ENDPOINT_NAME", 32, "endpoint")
-    for slot in SLOTS:  # "-green" is one character longer than "-blue": both must fit
-        check_name(f"{config.AZURE_DEPLOYMENT_NAME}-{slot}", "AZURE_DEPLOYMENT_NAME", 32, "deployment")
-
-
+# --- The smoke request (not in the tutorial: a bad model never gets the traffic) ---------------------------
 def smoke_test_azure(ml_client, endpoint_name, deployment_name):
     """Ask the new deployment directly (not through the traffic split); return its answer."""
     with tempfile.TemporaryDirectory() as folder:
@@ -238,6 +234,8 @@ def main(argv=None):
             from stand_ins.deployment import deploy_local
 
             return deploy_local(find_job(args.job_name, "local"), SMOKE_REQUEST, check_smoke_answer, args.foreground)
+        if config.TARGET == "serverless":  # Azure AI Foundry's serverless API instead of an online endpoint
+            return serverless.deploy(args.job_name, args.dry_run)
         if args.dry_run:
             return dry_run_azure(args.job_name or (read_last_job() or {}).get("name") or "<job-name>")
         return deploy_azure(find_job(args.job_name, "azure")["name"], args.keep_previous)

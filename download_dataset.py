@@ -7,6 +7,10 @@ schema (`prompt`, `prompt_id`, `messages`). With the local target (the default) 
 sample bundled in sample_data/ (330 chats -> 264 / 66); with TARGET=azure (or --source hub) they come
 from HuggingFaceH4/ultrachat_200k, split train_sft[:1%] (~2,079 rows -> ~1,663 / ~416).
 
+With TARGET=serverless (or --chat-completions) it also writes data/train_chat.jsonl and data/test_chat.jsonl:
+the same split as chat-completions JSONL, `{"messages": [{"role": ..., "content": ...}, ...]}` and nothing else,
+the format Azure AI Foundry's serverless fine-tuning reads.
+
 Every record is checked before anything is written; a bad one stops the step with its index and reason
 (--skip-invalid drops them instead). An output file you edited is never replaced without --force, and
 then the old one is kept as a .bak copy.
@@ -39,6 +43,18 @@ def load_and_split_dataset(dataset_name, config_name, split_ratio, split=None, s
 def save_dataset_to_jsonl(dataset, filepath, force=False):
     """Write one JSON object per line (UTF-8 kept as is), atomically; returns what happened to the file."""
     lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in dataset]
+    return write_generated_file(filepath, "".join(lines), force=force)
+
+
+def save_chat_completions_jsonl(dataset, filepath, force=False):
+    """Write the chats as chat-completions JSONL (messages only, each line checked again); returns what happened."""
+    lines = []
+    for index, record in enumerate(dataset):
+        chat = {"messages": [{"role": message["role"], "content": message["content"]} for message in record["messages"]]}
+        problem = conversation_problem(chat)
+        if problem:  # validate_records() passed it, so only a change of the rules could get here
+            raise InvalidRecordsError([(index, problem)])
+        lines.append(json.dumps(chat, ensure_ascii=False) + "\n")
     return write_generated_file(filepath, "".join(lines), force=force)
 
 
@@ -109,6 +125,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=config.SPLIT_SEED, help="split seed (default: %(default)s)")
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid records instead of stopping")
     parser.add_argument("--force", action="store_true", help="replace output files that were edited (keeps a .bak)")
+    parser.add_argument("--chat-completions", action=argparse.BooleanOptionalAction, default=config.TARGET == "serverless",
+                        help="also write the chat-completions JSONL of serverless fine-tuning (default: with "
+                        "TARGET=serverless)")
     return parser.parse_args(argv)
 
 
@@ -124,6 +143,9 @@ def main(argv=None):
         for part, path in (("train", config.TRAIN_DATA_PATH), ("test", config.TEST_DATA_PATH)):
             status = save_dataset_to_jsonl(dataset[part], path, force=args.force)
             print(f"{config.shown(path)}: {status}")
+        for part, path in (("train", config.CHAT_TRAIN_DATA_PATH), ("test", config.CHAT_TEST_DATA_PATH)):
+            if args.chat_completions:
+                print(f"{config.shown(path)}: {save_chat_completions_jsonl(dataset[part], path, force=args.force)}")
     except (DatasetUnavailableError, InvalidRecordsError, TooFewRecordsError, FileChangedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

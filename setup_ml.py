@@ -3,6 +3,7 @@
     python setup_ml.py                          # local: trains the tiny Phi-3 on this machine (~30 s)
     TARGET=azure python setup_ml.py             # Azure ML: A100 cluster, command job, log streamed here
     TARGET=azure python setup_ml.py --dry-run   # builds and validates the job, no network call
+    TARGET=serverless python setup_ml.py        # Azure AI Foundry's serverless fine-tuning (serverless.py)
 
 Azure ML: an Environment built from conda.yml, an AmlCompute cluster and a command job that runs
 finetuning_dir/fine_tune.py with a declared `model_output` output. Locally the same command line runs as a
@@ -20,6 +21,7 @@ import config
 from azure_ml import (azure_errors, check_name, get_ml_client, print_job_log_tail, print_validated, state_name,
                       validate_job_bindings)
 from job_record import record_job
+import serverless
 from step_errors import StepError, exit_with
 
 FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"
@@ -214,6 +216,8 @@ def main(argv=None):
             model_output = job_runner.job_folder(job_name) / "model_output"
             command = training_command(str(config.TRAIN_DATA_PATH), str(config.TEST_DATA_PATH), str(model_output))
             return job_runner.run_local_job(job_name, command, dry_run=args.dry_run)
+        if config.TARGET == "serverless":  # Azure AI Foundry fine-tunes a catalogue Phi: serverless.py
+            return serverless.finetune(job_name, args.dry_run)
         config.require(*config.AZURE_WORKSPACE_SETTINGS)
         check_name(config.AZURE_COMPUTE_NAME, "AZURE_COMPUTE_NAME", 24, "compute cluster")
         check_data_files()

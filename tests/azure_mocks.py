@@ -33,6 +33,8 @@ with warnings.catch_warnings():  # importing azure.ai.ml raises hundreds of Mars
         ModelOperations,
         OnlineDeploymentOperations,
         OnlineEndpointOperations,
+        ServerlessEndpointOperations,
+        WorkspaceOperations,
     )
     from azure.core.exceptions import ResourceNotFoundError
     from azure.core.polling import LROPoller
@@ -51,6 +53,8 @@ OPERATION_CLASSES = {
     "models": ModelOperations,
     "online_endpoints": OnlineEndpointOperations,
     "online_deployments": OnlineDeploymentOperations,
+    "serverless_endpoints": ServerlessEndpointOperations,
+    "workspaces": WorkspaceOperations,
 }
 
 FAKE_SUBSCRIPTION_ID = "00000000-0000-0000-0000-000000000000"
@@ -317,3 +321,82 @@ def validated_yaml_blocks(out):
         elif title and not line.startswith("Dry run:"):
             blocks[title].append(line)
     return {name: yaml.safe_load("\n".join(lines)) for name, lines in blocks.items()}
+
+
+# --- serverless.py: the serverless road --------------------------------------------------------------------
+FAKE_SERVERLESS_SETTINGS = {**FAKE_WORKSPACE_SETTINGS, "SERVERLESS_ENDPOINT_NAME": "phi-ft-serverless-tests"}
+FAKE_WORKSPACE_ID = "22222222-2222-2222-2222-222222222222"
+
+
+def configure_serverless(monkeypatch, tmp_path, **overrides):
+    """TARGET=serverless with fake settings, chat-completions files and last_job.json under tmp_path."""
+    import config
+
+    configure_azure(monkeypatch, FAKE_SERVERLESS_SETTINGS, **overrides)
+    monkeypatch.setattr(config, "TARGET", "serverless")
+    chats = [{"messages": row["messages"]} for row in CHAT_ROWS]
+    monkeypatch.setattr(config, "CHAT_TRAIN_DATA_PATH", write_jsonl(tmp_path / "train_chat.jsonl", chats))
+    monkeypatch.setattr(config, "CHAT_TEST_DATA_PATH", write_jsonl(tmp_path / "test_chat.jsonl", chats[:1]))
+    monkeypatch.setattr(config, "LAST_JOB_FILE", tmp_path / "outputs" / "last_job.json")
+    monkeypatch.setattr(config, "ENV_FILE", tmp_path / ".env")
+    monkeypatch.setattr(config, "SERVERLESS_POLL_SECONDS", 0)
+    return config
+
+
+def serve_workspace(client, location="eastus2"):
+    """client.workspaces.get(name) -> a Workspace in `location` with a workspace GUID, as the service returns it."""
+    from azure.ai.ml.entities import Workspace
+
+    client.workspaces.get.side_effect = lambda name=None, **kwargs: Workspace(name=name, location=location,
+                                                                              workspace_id=FAKE_WORKSPACE_ID)
+
+
+def mock_registry_client(version="7"):
+    """The azureml registry's MLClient (autospecced): models.get(name, label="latest") -> that version's Model."""
+    from azure.ai.ml.entities import Model
+
+    registry = mock.create_autospec(MLClient, instance=True)
+    registry.models = mock.create_autospec(ModelOperations, instance=True)
+
+    def get(name, version=None, label=None):
+        model = Model(name=name, version=version or "7")
+        model._id = f"azureml://registries/azureml/models/{name}/versions/{model.version}"  # what the service fills in
+        return model
+
+    registry.models.get.side_effect = get
+    return registry
+
+
+def serve_serverless_endpoints(client, scoring_uri, endpoints=None, primary_key="fake-serverless-key"):
+    """Make client.serverless_endpoints behave like the service over `endpoints` ({name: model_id}).
+
+      get(name)                     -> a ServerlessEndpoint (succeeded, `scoring_uri`), or ResourceNotFoundError
+      begin_create_or_update(ep)    -> stores ep.model_id; poller(the endpoint as get() returns it)
+      get_keys(name)                -> EndpointAuthKeys(primary_key, ...)
+      begin_delete(name)            -> forgets it; poller(None)
+    """
+    from azure.ai.ml.entities import EndpointAuthKeys, ServerlessEndpoint
+
+    endpoints = {} if endpoints is None else endpoints
+
+    def get(name, **kwargs):
+        if name not in endpoints:
+            raise ResourceNotFoundError(f"(UserError) Serverless endpoint {name} does not exist")
+        return ServerlessEndpoint(name=name, model_id=endpoints[name], scoring_uri=scoring_uri,
+                                  provisioning_state="succeeded", auth_mode="key")
+
+    def create_or_update(endpoint, **kwargs):
+        endpoints[endpoint.name] = endpoint.model_id
+        return poller(get(endpoint.name))
+
+    def delete(name, **kwargs):
+        endpoints.pop(name, None)
+        return poller(None)
+
+    operations = client.serverless_endpoints
+    operations.get.side_effect = get
+    operations.begin_create_or_update.side_effect = create_or_update
+    operations.get_keys.side_effect = lambda name, **kwargs: EndpointAuthKeys(primary_key=primary_key,
+                                                                              secondary_key="fake-second")
+    operations.begin_delete.side_effect = delete
+    return endpoints
