@@ -8,8 +8,9 @@
 flow.dag.yml has one python node, `integrate_with_promptflow`, which runs my_python_tool() below: it sends the
 chat so far plus the new question to the endpoint deploy_model.py deployed and returns the answer. The URL and
 key are read from .env (AZURE_ML_ENDPOINT, AZURE_ML_API_KEY, written by deploy_model.py) on every call, so a chat
-that is already running follows a redeploy; an environment variable overrides .env. The local endpoint and an
-Azure managed online endpoint speak the same contract, so the flow is the same for both. `pf flow test` writes
+that is already running follows a redeploy; an environment variable overrides .env. The URL says the contract: one
+ending in /chat/completions (a serverless endpoint, or the local one's /v1/chat/completions) gets `messages`, any
+other (.../score: managed online endpoints, local or Azure) gets `input_data`. `pf flow test` writes
 its logs and outputs to .promptflow/; the key is never logged. `make chat` serves with `--engine fastapi`
 because the default flask engine's chat page answers 400 in Prompt flow 1.18.5.
 """
@@ -20,6 +21,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 from promptflow.core import tool  # Prompt flow runs the function marked @tool (this import takes 2-4 s)
@@ -54,7 +56,11 @@ logger = logging.getLogger(__name__)
 
 def query_azml_endpoint(input_data, endpoint_url, api_key, chat_history=None, params=None):
     """Ask the endpoint to answer `input_data` after `chat_history` (Prompt flow's format); returns the answer."""
-    body = {"input_data": [to_conversation(input_data, chat_history)], "params": params or CHAT_PARAMS}
+    chat = urlsplit(endpoint_url).path.rstrip("/").endswith("/chat/completions")  # serverless: deploy_model.py
+    conversation, params = to_conversation(input_data, chat_history), params or CHAT_PARAMS
+    body = ({"messages": conversation, "max_tokens": params["max_new_tokens"],  # temperature 0: greedy decoding
+             "temperature": params["temperature"] if params["do_sample"] else 0} if chat
+            else {"input_data": [conversation], "params": params})
     response = post_with_retries(endpoint_url, body, api_key)
     status = response.status_code
     if status in RETRY_STATUSES:  # retries are spent, or the next wait would end past the deadline
@@ -74,12 +80,13 @@ def query_azml_endpoint(input_data, endpoint_url, api_key, chat_history=None, pa
                             ". Its log has the details: outputs/endpoint/*.log locally, "
                             "`az ml online-deployment get-logs` on Azure.")
     try:
-        answer = response.json()[0]
+        answer = response.json()["choices"][0]["message"]["content"] if chat else response.json()[0]
     except (ValueError, KeyError, IndexError, TypeError):
         answer = None
     if not isinstance(answer, str):
-        raise EndpointError(f"the endpoint at {endpoint_url} answered outside the contract (a JSON list of answer "
-                            f"strings): {without_key(response.text, api_key, 200)}")
+        contract = 'a chat.completion, {"choices": [{"message": {"content": ...}}]}' if chat else "a JSON list of answers"
+        raise EndpointError(f"the endpoint at {endpoint_url} answered outside the contract ({contract}): "
+                            f"{without_key(response.text, api_key, 200)}")
     return answer
 
 
@@ -176,8 +183,8 @@ def post_with_retries(url, body, api_key):
         try:
             return session.post(url, json=body, headers=headers, timeout=timeout)
         except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL):
-            raise EndpointError(f"{ENDPOINT_SETTING}={url!r} is not an http(s) URL: expected the scoring URI, "
-                                "e.g. https://<endpoint>.<region>.inference.ml.azure.com/score") from None
+            raise EndpointError(f"{ENDPOINT_SETTING}={url!r} is not an http(s) URL: expected the scoring URI, e.g. "
+                                "https://<endpoint>.<region>.inference.ml.azure.com/score or .../v1/chat/completions") from None
         except requests.exceptions.ReadTimeout:
             raise EndpointError(f"the endpoint at {url} did not answer within {timeout[1]:.0f} s: "
                                 "ask for fewer max_new_tokens, or raise REQUEST_TIMEOUT_MS") from None
@@ -193,10 +200,11 @@ def without_key(text, api_key, limit):
 
 
 def server_message(response, api_key):
-    """The error the endpoint sent: {"error": ...} from ours, {"message": ...} from Azure, else the text."""
+    """The error the endpoint sent: {"error": ...} from ours, {"message": ...} or {"error": {"message"}} from Azure."""
     try:
         body = response.json()
         text = (body.get("error") or body.get("message")) if isinstance(body, dict) else None
+        text = text.get("message") or text if isinstance(text, dict) else text  # {"error": {"message": ...}}: OpenAI's
         text = str(text or body)
     except ValueError:
         text = response.text

@@ -4,10 +4,13 @@
     python -m stand_ins.endpoint_server --model-dir outputs/jobs/<job>/model_output --port 5001
 
 deploy_model.py starts it for you (TARGET=local), through stand_ins/endpoint_process.py. It answers with scoring_dir/score.py, the very file the
-Azure deployment runs, and speaks the managed endpoint's contract:
+Azure deployment runs, and speaks the managed endpoint's contract and the serverless endpoints' one:
 
     POST /score   {"input_data": ["Who founded Microsoft?"], "params": {...}} -> ["answer"]
                   needs the header `Authorization: Bearer $LOCAL_ENDPOINT_KEY`
+    POST /v1/chat/completions   {"messages": [...], "max_tokens": 64} -> {"choices": [{"message": ...}]}
+                  the serverless endpoints' (OpenAI's) contract, same key, limits and errors, same score.py
+                  (stand_ins/chat_completions.py translates); point the `openai` client's base_url at .../v1
     GET  /        "Healthy" (liveness, as Azure's inference server answers); GET /live is the same
     GET  /ready   200 once the model has loaded, 503 while it loads (500 if it failed to load)
 
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import hmac
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -44,13 +48,15 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 import config
+from stand_ins import chat_completions
 from stand_ins.endpoint_process import KEY_VARIABLE
 
 SCORING_SCRIPT = config.PROJECT_DIR / "scoring_dir" / "score.py"
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 LOADING_RETRY_AFTER_S = 5  # what a 503 tells the client to wait while the model loads
 SHUTDOWN_GRACE_S = 10  # on SIGTERM, in-flight answers get this long to finish, then they are stopped
-ROUTES_HELP = "POST /score, GET / (liveness), GET /live, GET /ready"
+CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+ROUTES_HELP = f"POST /score, POST {CHAT_COMPLETIONS_PATH}, GET / (liveness), GET /live, GET /ready"
 
 logger = logging.getLogger("endpoint_server")
 
@@ -150,6 +156,28 @@ class Endpoint:
             data = body.decode("utf-8")
         except UnicodeDecodeError as error:
             raise HTTPException(400, f"the request body is not UTF-8 text: {error}") from None
+        answer, seconds = await self.answer(data)
+        # The W3C Server-Timing header: the client sees how much of its wait was the model itself.
+        return JSONResponse(answer, headers={"Server-Timing": f"score;dur={seconds * 1000:.2f}"})
+
+    async def chat_completions(self, request):
+        """POST /v1/chat/completions: the serverless endpoints' contract, answered by the same score.py."""
+        self.check_key(request)
+        self.check_ready()
+        body = await self.read_body(request)
+        try:
+            data = chat_completions.as_score_request(body, self.scorer.BadRequest)
+        except self.scorer.BadRequest as error:
+            raise HTTPException(getattr(error, "status", 400), str(error)) from None
+        answer, seconds = await self.answer(data)
+        model = json.loads(body).get("model")  # echoed, as OpenAI does; this endpoint serves one model whatever it says
+        model = model if isinstance(model, str) and model else Path(self.model_dir).name
+        return JSONResponse(chat_completions.completion(answer[0], model),
+                            headers={"Server-Timing": f"score;dur={seconds * 1000:.2f}"})
+
+    async def answer(self, data):
+        """score.py's answer to `data` (JSON text) and its seconds: a slot within the queue wait, else 429; 504 past
+        the timeout; 4xx for a bad request, 500 when scoring fails."""
         if not await self.take_slot():
             raise HTTPException(429, f"busy: {self.max_concurrent} request(s) already being scored and none finished "
                                      f"within {self.max_queue_wait_s * 1000:.0f} ms; retry after {RETRY_AFTER_S} s",
@@ -166,9 +194,7 @@ class Endpoint:
             raise HTTPException(504, f"scoring took longer than {self.request_timeout_s * 1000:.0f} ms "
                                      "(REQUEST_TIMEOUT_MS); ask for fewer max_new_tokens or fewer inputs")
         try:
-            answer, seconds = work.result()
-            # The W3C Server-Timing header: the client sees how much of its wait was the model itself.
-            return JSONResponse(answer, headers={"Server-Timing": f"score;dur={seconds * 1000:.2f}"})
+            return work.result()
         except self.scorer.BadRequest as error:
             raise HTTPException(getattr(error, "status", 400), str(error)) from None
         except Exception as error:  # noqa: BLE001 - a failed answer is a 500; the server keeps serving
@@ -229,6 +255,9 @@ async def error_response(request, error):
         message = f"no such path {request.url.path}; this endpoint serves {ROUTES_HELP}"
     elif error.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}; use {error.headers.get('Allow', '')}"
+    if request.url.path.startswith(CHAT_COMPLETIONS_PATH):  # OpenAI-compatible clients read error.message
+        return JSONResponse(chat_completions.error_body(error.status_code, message), status_code=error.status_code,
+                            headers=error.headers)
     return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
 
 
@@ -253,6 +282,7 @@ def create_app(model_dir, key, max_concurrent=3, max_queue_wait_s=config.MAX_QUE
     app = Starlette(
         routes=[
             Route("/score", endpoint.score, methods=["POST"]),
+            Route(CHAT_COMPLETIONS_PATH, endpoint.chat_completions, methods=["POST"]),
             Route("/", endpoint.liveness, methods=["GET"]),
             Route("/live", endpoint.liveness, methods=["GET"]),
             Route("/ready", endpoint.readiness, methods=["GET"]),
