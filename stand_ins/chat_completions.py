@@ -87,8 +87,15 @@ def completion(answer, model):
     }
 
 
+# score.py's words for what a chat-completions client calls otherwise, in error messages.
+SCORE_TERMS = {"param max_new_tokens": "max_tokens", "param temperature": "temperature", "param top_p": "top_p",
+               "input_data[0]": "messages", "input_data": "messages"}
+
+
 def error_body(status, message):
     """An error as OpenAI-compatible endpoints send it (Azure's serverless ones too): {"error": {"message", ...}}."""
+    for score_term, chat_term in SCORE_TERMS.items():
+        message = message.replace(score_term, chat_term)
     kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status, "invalid_request_error"
                                                                      if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "code": str(status)}}

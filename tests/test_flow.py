@@ -1,4 +1,5 @@
-"""Step 4: the flow answers through the real local endpoint, keeps the chat's history, and fails usefully.
+"""Step 4: the flow answers through the real local endpoint, keeps the chat's history, and fails usefully, through
+either contract: a managed online endpoint's (`/score`, `input_data`) or a serverless one's (`/chat/completions`).
 
 Prompt flow runs in this process (`PFClient().test`, what `pf flow test` does); the endpoint is the one
 `make demo` deployed, or a small HTTP server below where a test needs an endpoint that misbehaves.
@@ -246,6 +247,53 @@ def test_a_malformed_url_names_the_setting():
         flow_tool.query_azml_endpoint(QUESTION, "127.0.0.1:5001/score", "test-key")
 
 
+# --- The chat-completions contract (serverless endpoints), chosen by the URL ------------------------------------
+CHAT_REPLY = {"id": "chatcmpl-1", "object": "chat.completion",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+
+
+def chat_url(url):
+    """The scripted server's URL as a serverless endpoint's (the server answers whatever the path)."""
+    return url.replace("/score", "/v1/chat/completions")
+
+
+def test_a_chat_completions_url_gets_messages_with_the_same_history_and_retries(pf, scripted_endpoint, monkeypatch):
+    url, received = scripted_endpoint((429, {"error": {"message": "busy"}}, {"Retry-After": "0"}), (200, CHAT_REPLY, {}))
+    monkeypatch.setenv("AZURE_ML_ENDPOINT", chat_url(url))
+    history = [{"inputs": {"input_data": QUESTION}, "outputs": {"answer": FIRST_ANSWER}}]
+    assert pf.test(flow=PROJECT_DIR, inputs={"input_data": FOLLOW_UP, "chat_history": history}) == {"answer": "ok"}
+    assert len(received) == 2 and received[1]["authorization"] == "Bearer test-key"
+    assert received[1]["body"] == {
+        "messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": FIRST_ANSWER},
+                     {"role": "user", "content": FOLLOW_UP}],
+        "max_tokens": flow_tool.CHAT_PARAMS["max_new_tokens"], "temperature": 0}  # 0: greedy, as on /score
+
+
+def test_chat_completions_errors_read_like_the_others(scripted_endpoint):
+    url, _ = scripted_endpoint((400, {"error": {"code": "BadRequest", "message": "max_tokens must be at most 512"}}, {}))
+    with pytest.raises(flow_tool.EndpointError, match=r"rejected the request \(HTTP 400\): max_tokens must be at most 512$"):
+        flow_tool.query_azml_endpoint(QUESTION, chat_url(url), "test-key")
+    url, _ = scripted_endpoint((401, {"error": {"message": "Invalid key test-key"}}, {}))
+    with pytest.raises(flow_tool.EndpointError, match="HTTP 401.*AZURE_ML_API_KEY does not match"):
+        flow_tool.query_azml_endpoint(QUESTION, chat_url(url), "test-key")
+    url, received = scripted_endpoint((429, {"error": {"message": "busy"}}, {"Retry-After": "0"}))
+    with pytest.raises(flow_tool.EndpointError, match=rf"HTTP 429\) after {flow_tool.MAX_ATTEMPTS} attempt\(s\): busy"):
+        flow_tool.query_azml_endpoint(QUESTION, chat_url(url), "test-key")
+    url, _ = scripted_endpoint((500, {"error": {"message": "upstream said test-key"}}, {}))
+    with pytest.raises(flow_tool.EndpointError) as error:
+        flow_tool.query_azml_endpoint(QUESTION, chat_url(url), "test-key")
+    assert "HTTP 500" in str(error.value) and "test-key" not in str(error.value)
+
+
+def test_each_contract_refuses_the_others_answer(scripted_endpoint):
+    url, _ = scripted_endpoint((200, ["an answer list"], {}))
+    with pytest.raises(flow_tool.EndpointError, match=r"outside the contract \(a chat.completion"):
+        flow_tool.query_azml_endpoint(QUESTION, chat_url(url), "test-key")
+    url, _ = scripted_endpoint((200, CHAT_REPLY, {}))
+    with pytest.raises(flow_tool.EndpointError, match=r"outside the contract \(a JSON list of answers\)"):
+        flow_tool.query_azml_endpoint(QUESTION, url, "test-key")
+
+
 # --- Against the real local endpoint ----------------------------------------------------------------
 def test_the_flow_answers_with_the_fine_tuned_model(demo_run, pf):
     started = time.perf_counter()
@@ -297,3 +345,15 @@ def test_the_script_asks_through_prompt_flow_and_leaves_no_key_behind(demo_run):
     assert any(path.name == "flow.log" for path in written)  # the scan looks where Prompt flow writes
     leaked = [str(path) for path in written if key.encode() in path.read_bytes()]
     assert not leaked, f"the endpoint key is in {leaked}"
+
+
+def test_the_flow_answers_through_the_local_endpoints_chat_completions_too(demo_run, pf, monkeypatch):
+    on_score = ask(pf, QUESTION)
+    scoring_uri = read_env_file()["AZURE_ML_ENDPOINT"]
+    monkeypatch.setenv("AZURE_ML_ENDPOINT", scoring_uri.rsplit("/", 1)[0] + "/v1/chat/completions")
+    assert ask(pf, QUESTION) == on_score  # greedy through either contract: the same answer
+    history = [{"inputs": {"input_data": QUESTION}, "outputs": {"answer": FIRST_ANSWER}}]
+    assert "Redmond" in ask(pf, FOLLOW_UP, history)
+    monkeypatch.setenv("AZURE_ML_API_KEY", "not-the-key")
+    with pytest.raises(Exception, match="HTTP 401.*AZURE_ML_API_KEY does not match"):
+        ask(pf, QUESTION)

@@ -1,7 +1,11 @@
-"""The local endpoint's server as a real process, called over HTTP the way the tutorial's client calls Azure."""
+"""The local endpoint's server as a real process, called over HTTP the way the tutorial's client calls Azure, and
+through real chat-completions clients (the `openai` client; Microsoft Agent Framework's, in a venv of its own)."""
 
+import hashlib
+import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -340,3 +344,99 @@ def test_more_inputs_than_allowed_get_413_naming_the_setting(local_endpoint):
     assert response.status_code == 413
     assert "MAX_INPUTS_PER_REQUEST" in response.json()["error"] and "at most 4" in response.json()["error"]
     assert local_endpoint.post({"input_data": ["Hi"] * 4, "params": {"max_new_tokens": 2}}).status_code == 200
+
+
+# --- The serverless endpoints' contract: POST /v1/chat/completions, through real clients ----------------------
+QUESTION = "Who founded Microsoft?"
+FIRST_ANSWER = "Microsoft was founded by Bill Gates and Paul Allen on April 4, 1975, in Albuquerque, New Mexico."
+FOLLOW_UP = "Where is its headquarters today?"
+AGENT_REQUIREMENTS = PROJECT_DIR / "tests" / "agent_framework_requirements.txt"
+ENV_CACHE = Path(os.environ.get("FINETUNE_PHI_ENV_CACHE", Path.home() / ".cache" / "finetune-phi" / "envs"))
+
+
+def openai_client(server, key=None):
+    """The official `openai` client pointed at the local endpoint (no retries of its own: errors show at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key or server.key, max_retries=0, timeout=60)
+
+
+def test_the_openai_client_gets_the_same_answer_as_score(local_endpoint):
+    reply = openai_client(local_endpoint).chat.completions.create(
+        model="phi-fine-tuned", messages=[{"role": "user", "content": QUESTION}], max_tokens=64, temperature=0)
+    assert (reply.object, reply.model, reply.choices[0].message.role) == ("chat.completion", "phi-fine-tuned", "assistant")
+    answer = reply.choices[0].message.content
+    assert "Bill Gates" in answer
+    same = local_endpoint.post({"input_data": [QUESTION], "params": {"max_new_tokens": 64}})
+    assert same.json() == [answer]  # one score.py, one generation: greedy gives the same words either way
+
+
+def test_history_reaches_the_model_through_the_openai_client(local_endpoint):
+    chat = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": FIRST_ANSWER},
+            {"role": "user", "content": FOLLOW_UP}]
+    reply = openai_client(local_endpoint).chat.completions.create(model="phi", messages=chat, max_tokens=64)
+    assert "Redmond" in reply.choices[0].message.content
+    parts = [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]  # content as parts, as some clients send
+    reply = openai_client(local_endpoint).chat.completions.create(model="phi", messages=parts, max_tokens=64)
+    assert "Bill Gates" in reply.choices[0].message.content
+
+
+def test_the_openai_client_gets_the_same_key_check_limits_and_errors(local_endpoint):
+    import openai
+
+    client = openai_client(local_endpoint)
+    ask = {"model": "phi", "messages": [{"role": "user", "content": "Hi"}]}
+    with pytest.raises(openai.AuthenticationError, match="missing or wrong key"):
+        openai_client(local_endpoint, key="not-the-key").chat.completions.create(**ask)
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be a whole number from 1 to 512"):
+        client.chat.completions.create(**ask, max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="unknown or unsupported key.*frequency_penalty"):
+        client.chat.completions.create(**ask, frequency_penalty=0.5)
+    with pytest.raises(openai.BadRequestError, match="streaming is not supported"):
+        client.chat.completions.create(**ask, stream=True)
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\] has role \"tool\""):
+        client.chat.completions.create(model="phi", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+    oversize = requests.post(f"{local_endpoint.url}/v1/chat/completions", data=b"x" * (MAX_REQUEST_BYTES + 1),
+                             headers={"Authorization": f"Bearer {local_endpoint.key}"}, timeout=30)
+    assert oversize.status_code == 413 and "MAX_REQUEST_BYTES" in oversize.json()["error"]["message"]
+
+
+def test_chat_completions_share_the_queue_with_score(local_endpoint):
+    long_chat = {"input_data": [("Tell me about the history of computing, " * 30) + str(i) for i in range(4)],
+                 "params": {"max_new_tokens": 64}}
+    busy = threading.Thread(target=local_endpoint.post, args=(long_chat,))
+    busy.start()
+    time.sleep(0.3)  # the /score request holds the one slot
+    response = requests.post(f"{local_endpoint.url}/v1/chat/completions", timeout=60,
+                             json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+                             headers={"Authorization": f"Bearer {local_endpoint.key}"})
+    busy.join(timeout=120)
+    assert response.status_code == 429 and response.headers["Retry-After"] == "1", response.text
+    assert response.json()["error"]["type"] == "rate_limit_error" and "busy" in response.json()["error"]["message"]
+
+
+def agent_framework_venv():
+    """A venv with Microsoft Agent Framework (tests/agent_framework_requirements.txt), cached by that file's content."""
+    key = hashlib.sha256(f"{sys.version}\n{AGENT_REQUIREMENTS.read_text()}".encode()).hexdigest()[:12]
+    folder = ENV_CACHE / f"agent-framework-{key}"
+    if (folder / ".complete").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # a build that was interrupted: start again
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=300)
+    result = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                             "-r", str(AGENT_REQUIREMENTS)], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"pip could not build the Agent Framework venv:\n{result.stderr[-3000:]}"
+    (folder / ".complete").write_text(AGENT_REQUIREMENTS.read_text())  # written last: a folder without it is rebuilt
+    return folder
+
+
+def test_agent_frameworks_chat_client_talks_to_the_local_endpoint(local_endpoint):
+    venv = agent_framework_venv()
+    env = {**os.environ, "AGENT_BASE_URL": f"{local_endpoint.url}/v1", "AGENT_API_KEY": local_endpoint.key}
+    result = subprocess.run([str(venv / "bin" / "python"), str(PROJECT_DIR / "tests" / "agent_framework_chat.py"),
+                             QUESTION], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "Bill Gates" in answers["answer"]
+    assert "Redmond" in answers["follow_up"]  # the agent's session sent the first turn along
+    assert local_endpoint.key not in result.stdout + result.stderr
