@@ -219,7 +219,8 @@ def smoke_test(url, key):
 
 def deploy_serverless(job_name):
     """Step 3 on the serverless road: endpoint, smoke request, then URL and key into .env."""
-    model = find_job(job_name, "serverless").get("registered_model")
+    record = find_job(job_name, "serverless")
+    job_name, model = record["name"], record.get("registered_model")
     ml_client = get_ml_client()
     endpoint_name = config.SERVERLESS_ENDPOINT_NAME
     with azure_errors(), serverless_refusals():
@@ -249,7 +250,7 @@ def dry_run_deploy(job_name):
 
     record = read_last_job() or {}
     model = record.get("registered_model") if record.get("target") == "serverless" else None
-    model = model or {"name": f"{config.SERVERLESS_MODEL_PREFIX}", "version": "<version>"}
+    model = model or {"name": config.SERVERLESS_MODEL_PREFIX, "version": "<version>"}
     # The workspace's region and GUID come from Azure when deploying for real.
     model_id = fine_tuned_model_id("<workspace-region>", "<workspace-id>", model)
     endpoint = build_serverless_endpoint(config.SERVERLESS_ENDPOINT_NAME, model_id, job_name)

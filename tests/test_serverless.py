@@ -368,3 +368,37 @@ def test_cleanup_deletes_the_endpoint_only_when_confirmed(client, road, chat_ser
     assert code == 0 and f"serverless endpoint {ENDPOINT}: deleted" in out and not endpoints
     code, out, err = run(cleanup.main, capsys, "--yes")
     assert "not found (already deleted)" in out
+
+
+def test_deploy_by_job_name_finds_the_model_the_job_registered(client, road, chat_server, capsys):
+    finetuning_job_status(client, "Completed")  # no record: the job and its registered_model come from Azure
+    serve_serverless_endpoints(client, chat_server)
+    code, out, err = run(deploy_model.main, capsys, "--job-name", JOB)
+    assert code == 0, err
+    assert only_call_arg(client.serverless_endpoints.begin_create_or_update).model_id == MODEL_ID
+
+
+# --- The local endpoint's translation of chat completions (its HTTP side: tests/test_local_endpoint.py) ----------
+def test_chat_completions_requests_become_score_py_requests():
+    from stand_ins.chat_completions import as_score_request
+
+    class Bad(ValueError):
+        pass
+
+    def translated(body):
+        return json.loads(as_score_request(json.dumps(body).encode(), Bad))
+
+    hi = [{"role": "user", "content": "Hi"}]
+    assert translated({"model": "phi", "max_tokens": 5, "temperature": 0, "messages": [
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}) == {
+        "input_data": [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]],
+        "params": {"max_new_tokens": 5, "do_sample": False}}  # temperature 0: greedy
+    assert translated({"messages": hi, "temperature": 0.5, "top_p": 0.9})["params"] == {
+        "do_sample": True, "temperature": 0.5, "top_p": 0.9}
+    assert translated({"messages": hi, "max_completion_tokens": 7})["params"] == {"max_new_tokens": 7}
+    assert translated({"messages": hi})["params"] == {}  # score.py's defaults: greedy, 128 tokens
+    for body, reason in (({"messages": hi, "n": 2}, "n must be 1"), ({"messages": hi, "stream": True}, "streaming"),
+                         ({"messages": []}, "non-empty list"), ({"messages": hi, "tools": []}, "tools"),
+                         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "must be text")):
+        with pytest.raises(Bad, match=reason):
+            translated(body)
