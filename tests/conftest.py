@@ -7,6 +7,7 @@ mlflow.db, and no test reaches the network.
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,3 +189,20 @@ def read_env_file():
     from dotenv import dotenv_values
 
     return dotenv_values(os.environ["FINETUNE_PHI_ENV_FILE"])
+
+
+# The cached venvs of the tests that need packages this venv cannot hold (Azure's environments, Agent Framework).
+ENV_CACHE = Path(os.environ.get("FINETUNE_PHI_ENV_CACHE", Path.home() / ".cache" / "finetune-phi" / "envs"))
+
+
+def cached_venv(folder, pip_args, what):
+    """A venv in `folder` with `pip install *pip_args` done, reused while its .complete marker exists."""
+    if (folder / ".complete").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # a build that was interrupted: start again
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=300)
+    result = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                             *pip_args], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"pip could not build {what}:\n{result.stderr[-3000:]}"
+    (folder / ".complete").write_text("\n".join(pip_args) + "\n")  # written last: a folder without it is rebuilt
+    return folder

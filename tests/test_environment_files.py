@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from importlib.metadata import packages_distributions
@@ -23,9 +22,8 @@ import pytest
 import requests
 import yaml
 
-from conftest import PROJECT_DIR, free_port, read_env_file, server_process
+from conftest import ENV_CACHE, PROJECT_DIR, cached_venv, free_port, read_env_file, server_process
 
-ENV_CACHE = Path(os.environ.get("FINETUNE_PHI_ENV_CACHE", Path.home() / ".cache" / "finetune-phi" / "envs"))
 
 PIN = re.compile(r"^([A-Za-z0-9_.-]+)==([^\s#;]+)")
 
@@ -129,15 +127,7 @@ def conda_venv(conda_file):
     lines = [line for line in map(installable, conda_pip_lines(conda_file)) if line]
     key = hashlib.sha256("\n".join([sys.version, *lines]).encode()).hexdigest()[:12]
     folder = ENV_CACHE / f"{conda_file.parent.name}-{conda_file.stem}-{key}"
-    if (folder / ".complete").is_file():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)  # a build that was interrupted: start again
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=300)
-    result = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                             *lines], capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, f"pip could not build {conda_file.name}'s environment:\n{result.stderr[-3000:]}"
-    (folder / ".complete").write_text("\n".join(lines) + "\n")  # written last: a folder without it is rebuilt
-    return folder
+    return cached_venv(folder, lines, f"{conda_file.name}'s environment")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port
+from conftest import ENV_CACHE, cached_venv, free_port
 from stand_ins.endpoint_process import serve_model
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -351,7 +350,6 @@ QUESTION = "Who founded Microsoft?"
 FIRST_ANSWER = "Microsoft was founded by Bill Gates and Paul Allen on April 4, 1975, in Albuquerque, New Mexico."
 FOLLOW_UP = "Where is its headquarters today?"
 AGENT_REQUIREMENTS = PROJECT_DIR / "tests" / "agent_framework_requirements.txt"
-ENV_CACHE = Path(os.environ.get("FINETUNE_PHI_ENV_CACHE", Path.home() / ".cache" / "finetune-phi" / "envs"))
 
 
 def openai_client(server, key=None):
@@ -419,15 +417,7 @@ def agent_framework_venv():
     """A venv with Microsoft Agent Framework (tests/agent_framework_requirements.txt), cached by that file's content."""
     key = hashlib.sha256(f"{sys.version}\n{AGENT_REQUIREMENTS.read_text()}".encode()).hexdigest()[:12]
     folder = ENV_CACHE / f"agent-framework-{key}"
-    if (folder / ".complete").is_file():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)  # a build that was interrupted: start again
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=300)
-    result = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                             "-r", str(AGENT_REQUIREMENTS)], capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, f"pip could not build the Agent Framework venv:\n{result.stderr[-3000:]}"
-    (folder / ".complete").write_text(AGENT_REQUIREMENTS.read_text())  # written last: a folder without it is rebuilt
-    return folder
+    return cached_venv(folder, ["-r", str(AGENT_REQUIREMENTS)], "the Agent Framework venv")
 
 
 def test_agent_frameworks_chat_client_talks_to_the_local_endpoint(local_endpoint):
