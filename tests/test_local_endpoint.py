@@ -399,18 +399,45 @@ def test_the_openai_client_gets_the_same_key_check_limits_and_errors(local_endpo
     assert oversize.status_code == 413 and "MAX_REQUEST_BYTES" in oversize.json()["error"]["message"]
 
 
-def test_chat_completions_share_the_queue_with_score(local_endpoint):
-    long_chat = {"input_data": [("Tell me about the history of computing, " * 30) + str(i) for i in range(4)],
-                 "params": {"max_new_tokens": 64}}
-    busy = threading.Thread(target=local_endpoint.post, args=(long_chat,))
-    busy.start()
-    time.sleep(0.3)  # the /score request holds the one slot
-    response = requests.post(f"{local_endpoint.url}/v1/chat/completions", timeout=60,
-                             json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
-                             headers={"Authorization": f"Bearer {local_endpoint.key}"})
-    busy.join(timeout=120)
+def test_chat_completions_share_the_queue_with_score(tmp_path):
+    from starlette.testclient import TestClient
+
+    from stand_ins import endpoint_server as endpoint_module
+
+    # A scoring script that holds the one slot until the test lets go: no race with how fast the model is.
+    started, release = tmp_path / "started", tmp_path / "release"
+    script = tmp_path / "score.py"
+    script.write_text(
+        "import json, time\nfrom pathlib import Path\n\n"
+        "class BadRequest(ValueError):\n    pass\n\n"
+        "def init(model_dir=None):\n    pass\n\n"
+        "def run(raw_data):\n"
+        f"    Path({str(started)!r}).touch()\n"
+        "    deadline = time.monotonic() + 60\n"
+        f"    while not Path({str(release)!r}).exists() and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        "    return ['held']\n"
+    )
+    app = endpoint_module.create_app(tmp_path, "k", max_concurrent=1, max_queue_wait_s=QUEUE_WAIT_MS / 1000,
+                                     scoring_script=script)
+    headers = {"Authorization": "Bearer k"}
+    with TestClient(app) as client:
+        wait_in_process(client)
+        held = []
+        busy = threading.Thread(target=lambda: held.append(client.post("/score", json={"input_data": ["x"]},
+                                                                       headers=headers)))
+        busy.start()
+        deadline = time.monotonic() + 30
+        while not started.exists():  # the /score request now holds the one slot
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        response = client.post("/v1/chat/completions", headers=headers,
+                               json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        release.touch()
+        busy.join(timeout=60)
     assert response.status_code == 429 and response.headers["Retry-After"] == "1", response.text
     assert response.json()["error"]["type"] == "rate_limit_error" and "busy" in response.json()["error"]["message"]
+    assert held[0].status_code == 200 and held[0].json() == ["held"]
 
 
 def agent_framework_venv():
