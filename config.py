@@ -171,6 +171,20 @@ LOCAL_ENDPOINT_PORT = _int("LOCAL_ENDPOINT_PORT", 5001)
 LOCAL_ENDPOINT_DIR = _path("LOCAL_ENDPOINT_DIR", "outputs/endpoint")  # pid, log and state of the local endpoint
 MAX_REQUEST_BYTES = _int("MAX_REQUEST_BYTES", 1_000_000)  # larger bodies get 413
 
+# --- Step 3: the serving runtime (score.py), and the export the training job makes for it ----------------
+# auto: ONNX Runtime GenAI when the model carries the job's export and the instance has no GPU, else
+# transformers (the tutorial's). On a CPU, decoding reads every weight once per token; the export's smaller
+# weights and fused kernels answer several times faster (docs/benchmarks.md). "transformers" restores the
+# tutorial's runtime; "onnxruntime-genai" insists on the export (an error at start-up when there is none).
+SERVING_RUNTIME = _str("SERVING_RUNTIME", "auto")
+ONNX_EXPORT = _bool("ONNX_EXPORT", True)  # the job exports the fine-tuned model for ONNX Runtime GenAI (seconds)
+# The export keeps the smallest precision (int4, int8, fp32) that changes no answer: quantization can flip a
+# greedy choice, and a different answer is a different model. 1.0 = every held-out greedy answer identical to
+# transformers'; lower it (e.g. 0.9) to accept int4 for a model too large to serve fast in fp32.
+ONNX_MIN_IDENTICAL_ANSWERS = _float("ONNX_MIN_IDENTICAL_ANSWERS", 1.0)
+# ...and whose held-out perplexity is at most 1% above transformers' (a changed model shows there first).
+ONNX_MAX_PERPLEXITY_INCREASE = _float("ONNX_MAX_PERPLEXITY_INCREASE", 0.01)
+
 # --- The serverless road (TARGET=serverless): Azure AI Foundry fine-tunes and hosts, billed per token ------
 # Needs a pay-as-you-go subscription, a hub-based project (its name goes in AZURE_ML_WORKSPACE_NAME) in a region
 # that fine-tunes the model serverless, Microsoft.Network registered, and the Azure AI Developer role (README).

@@ -171,6 +171,7 @@ def build_deployment(endpoint_name, deployment_name, model):
             "MAX_NEW_TOKENS_LIMIT": str(config.MAX_NEW_TOKENS_LIMIT),
             "MAX_INPUTS_PER_REQUEST": str(config.MAX_INPUTS_PER_REQUEST),
             "WORKER_COUNT": str(config.AZURE_WORKER_COUNT),  # azmlinfsrv's gunicorn workers (see config.py)
+            "SERVING_RUNTIME": config.SERVING_RUNTIME,  # auto: the job's ONNX export on a CPU instance
         },
         # The tutorial also set max_queue_wait_ms; Azure deprecated it (requests wait up to request_timeout_ms).
         request_settings=OnlineRequestSettings(

@@ -11,7 +11,9 @@ Under torchrun or Azure ML's PyTorch distribution it trains on every process; on
 and logs metrics.
 
 Writes an MLflow transformers model into --model_output_dir (checkpoints go to --checkpoint-dir) and
-prints eval loss and perplexity before -> after, train loss, tokens/s and wall time.
+prints eval loss and perplexity before -> after, train loss, tokens/s and wall time. Then it exports the
+model for ONNX Runtime GenAI into the same folder, its precision chosen by measurement (onnx_export.py;
+--no-onnx-export skips it): score.py serves that export on CPUs.
 """
 
 import argparse
@@ -26,8 +28,10 @@ from pathlib import Path
 
 if __package__:  # imported from the project (tests, benchmarks): one module name, finetuning_dir.chat_data
     from .chat_data import ChatDataError, read_chat_jsonl
+    from .onnx_export import export_onnx, summary_line
 else:  # run as a script, as in the job, whose code folder is this one
     from chat_data import ChatDataError, read_chat_jsonl
+    from onnx_export import export_onnx, summary_line
 
 TUTORIAL_BASE_MODEL = "microsoft/Phi-3.5-mini-instruct"
 # Params a caller may send with each request; a signature with a params schema makes MLflow honour them.
@@ -85,6 +89,13 @@ def parse_args(argv=None):
     train.add_argument("--save-steps", type=int, default=500)
     train.add_argument("--loss-curves", type=Path, default=None,
                        help="also draw the loss curves into this PNG file (needs matplotlib; the local job sets it)")
+    onnx = parser.add_argument_group("ONNX Runtime GenAI export (the CPU serving runtime; see onnx_export.py)")
+    onnx.add_argument("--onnx-export", action=argparse.BooleanOptionalAction, default=True,
+                      help="export the model into --model_output_dir/onnx, its precision chosen by measurement")
+    onnx.add_argument("--onnx-min-identical", type=float, default=1.0,
+                      help="share of held-out greedy answers a precision must keep identical to transformers'")
+    onnx.add_argument("--onnx-max-perplexity-increase", type=float, default=0.01,
+                      help="the most a precision may raise held-out perplexity (0.01: 1%%)")
     train.add_argument("--fast-exit", action="store_true",
                        help="end the process right after the summary, skipping Python's slow teardown of torch "
                             "(2-5 s); single-process runs only (setup_ml.py's local job uses it)")
@@ -390,6 +401,7 @@ def main(argv=None):
 
     # --- Save the model first: nothing after this may lose it ---
     save_mlflow_model(trainer.model, tokenizer, args.model_output_dir)
+    onnx_record = export_for_cpus(args) if args.onnx_export else None
     metrics["wall_time_seconds"] = time.perf_counter() - started
 
     # --- Log the summary and the pictures (optional: a failure is a warning, not a failed job) ---
@@ -401,9 +413,22 @@ def main(argv=None):
             warnings.warn(f"Could not draw {args.loss_curves} ({type(error).__name__}: {error})")
             args.loss_curves = None
     print_summary(metrics, args.model_output_dir)
+    if onnx_record:
+        print(f"  onnx export  {summary_line(onnx_record)}")
     if args.loss_curves:
         print(f"  loss curves  {args.loss_curves}")
     return 0
+
+
+def export_for_cpus(args):
+    """The ONNX Runtime GenAI export (onnx_export.py); a failure is a warning: the MLflow model is already safe."""
+    print("Exporting for ONNX Runtime GenAI (each precision against transformers on held-out chats)")
+    try:
+        return export_onnx(args.model_output_dir, args.eval_file, args.onnx_min_identical,
+                           args.onnx_max_perplexity_increase)
+    except Exception as error:  # noqa: BLE001 - the job's model must not be lost to an optional export
+        warnings.warn(f"No ONNX export ({type(error).__name__}: {error}); score.py serves with transformers")
+        return None
 
 
 def exit_now(code):

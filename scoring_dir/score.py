@@ -5,6 +5,7 @@ and reads its limits from environment variables that the deployment (or stand_in
 
     MAX_NEW_TOKENS_LIMIT      the largest max_new_tokens a request may ask for (default 512)
     MAX_INPUTS_PER_REQUEST    the most inputs (questions or conversations) one request may carry (default 4)
+    SERVING_RUNTIME           auto (default), onnxruntime-genai or transformers: see choose_runtime()
 
 A request and its answer (one answer string per input):
 
@@ -51,8 +52,15 @@ PARAMS = {
     "return_full_text": False,  # true: the answer starts with the question (the tutorial's client asks for it)
 }
 
-_model = None
+SERVING_RUNTIMES = ("auto", "onnxruntime-genai", "transformers")
+ONNX_FOLDER = "onnx"  # fine_tune.py's ONNX Runtime GenAI export, inside the MLflow model (finetuning_dir/onnx_export.py)
+
+_model = None  # transformers: the causal LM; onnxruntime-genai: an og.Model
+_runtime = None  # the runtime that serves, once init() has run
 _tokenizer = None
+_stop_ids = []  # the ids that end an answer: end of text and <|end|> (the end of a turn)
+_context_length = None
+_top_k = 50  # sampling's top-k, as the model's generation config has it (transformers' default: 50)
 _max_new_tokens_limit = DEFAULT_MAX_NEW_TOKENS_LIMIT
 _max_inputs_per_request = DEFAULT_MAX_INPUTS_PER_REQUEST
 # One generation at a time: the tokenizer is not thread-safe, and on a CPU parallel generations only
@@ -89,7 +97,7 @@ def init(model_dir=None):
     the MLflow model is that folder or a folder inside it (model_output, for a model registered from a job).
     Locally, a plain transformers folder serves too (evaluate_flow.py --compare-base serves the base model so).
     """
-    global _model, _tokenizer, _max_new_tokens_limit, _max_inputs_per_request
+    global _model, _runtime, _tokenizer, _max_new_tokens_limit, _max_inputs_per_request
     started = time.perf_counter()
     model_dir = model_dir or os.environ.get("AZUREML_MODEL_DIR")
     if not model_dir:
@@ -101,11 +109,38 @@ def init(model_dir=None):
     weights = folder / "model" if (folder / "MLmodel").is_file() else folder
     if not (weights / "config.json").is_file():
         raise FileNotFoundError(f"no model/config.json in {folder}: is it an MLflow model from fine_tune.py?")
-    model = _load_model(weights)
-    tokenizer = _load_tokenizer(folder / "components" / "tokenizer", weights, model)
-    _stop_at_end_of_turn(model, tokenizer)
-    _model, _tokenizer = model, tokenizer
-    logger.info("Loaded %s on %s in %.1f s", folder, model.device, time.perf_counter() - started)
+    runtime = choose_runtime(folder, os.environ.get("SERVING_RUNTIME", "auto"))
+    model = _load_onnx_model(folder / ONNX_FOLDER) if runtime == "onnxruntime-genai" else _load_model(weights)
+    tokenizer = _load_tokenizer(folder / "components" / "tokenizer", weights)
+    _set_generation_limits(weights, tokenizer)
+    _model, _runtime, _tokenizer = model, runtime, tokenizer
+    # print(): Azure's inference server keeps score.py's output in the deployment's log; its logging drops INFO.
+    print(f"score.py: loaded {folder} with {runtime} in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def choose_runtime(folder, requested="auto"):
+    """The runtime that serves: transformers (the tutorial's) or onnxruntime-genai (fine_tune.py's ONNX export).
+
+    auto takes the export when the model has one and there is no CUDA GPU: on a CPU it answers several times
+    faster (docs/benchmarks.md); on a GPU, transformers in bf16/fp16 does.
+    """
+    requested = (requested or "auto").strip()
+    if requested not in SERVING_RUNTIMES:
+        raise ValueError(f"SERVING_RUNTIME={requested!r}: choose one of {', '.join(SERVING_RUNTIMES)}")
+    has_export = (Path(folder) / ONNX_FOLDER / "genai_config.json").is_file()
+    if requested == "onnxruntime-genai" and not has_export:
+        raise FileNotFoundError(f"SERVING_RUNTIME=onnxruntime-genai, but {folder} has no ONNX export ({ONNX_FOLDER}/): "
+                                "fine-tune with ONNX_EXPORT=true, or serve with SERVING_RUNTIME=transformers")
+    if requested != "auto":
+        return requested
+    return "onnxruntime-genai" if has_export and not _has_cuda_gpu() else "transformers"
+
+
+def _has_cuda_gpu():
+    """True when torch sees a CUDA GPU."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _load_model(folder):
@@ -117,7 +152,15 @@ def _load_model(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
 
 
-def _load_tokenizer(folder, weights, model):
+def _load_onnx_model(folder):
+    """fine_tune.py's ONNX Runtime GenAI export (the CPU build: every core, no telemetry)."""
+    import onnxruntime_genai as og
+
+    og.disable_telemetry_events()
+    return og.Model(str(folder))
+
+
+def _load_tokenizer(folder, weights):
     """The tokenizer (from `folder` when there is one, else beside the weights), set up for batched generation."""
     from transformers import AutoTokenizer
 
@@ -125,18 +168,28 @@ def _load_tokenizer(folder, weights, model):
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # fine_tune.py leaves the training length here; serving is bounded by the model's context instead.
-    tokenizer.model_max_length = getattr(model.config, "max_position_embeddings", tokenizer.model_max_length)
     return tokenizer
 
 
-def _stop_at_end_of_turn(model, tokenizer):
-    """Make sure generation stops at <|end|>: a model saved without it in generation_config would talk on."""
+def _set_generation_limits(weights, tokenizer):
+    """Stop at <|end|> as well as end of text (a model saved without it in generation_config would talk on), and
+    read the context length and sampling's top-k from the saved config, for both runtimes alike."""
+    global _stop_ids, _context_length, _top_k
+    generation = _read_json(weights / "generation_config.json")
+    eos = generation.get("eos_token_id", tokenizer.eos_token_id)
+    _stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    if isinstance(end_id, int) and end_id != tokenizer.unk_token_id and end_id not in eos:
-        model.generation_config.eos_token_id = eos + [end_id]
+    if isinstance(end_id, int) and end_id != tokenizer.unk_token_id and end_id not in _stop_ids:
+        _stop_ids.append(end_id)
+    _top_k = generation.get("top_k", 50)
+    _context_length = _read_json(weights / "config.json").get("max_position_embeddings")
+    # fine_tune.py leaves the training length here; serving is bounded by the model's context instead.
+    tokenizer.model_max_length = _context_length or tokenizer.model_max_length
+
+
+def _read_json(path):
+    """A JSON file's object, or {} when there is no such file."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def run(raw_data):
@@ -160,7 +213,7 @@ def run_stoppable(raw_data, stop_event=None):
 
     stand_ins/endpoint_server.py sets it when a request times out, so the model is free for the next request.
     """
-    if _model is None:
+    if _runtime is None:
         raise RuntimeError("the model is not loaded: call init() first")
     request = parse_request(raw_data)
     params = check_params(request.get("params"))
@@ -260,26 +313,63 @@ def _check_conversation(item, where):
 
 
 def generate(conversations, params, stop_event=None):
-    """Generate the answers for a batch of conversations in one left-padded batch."""
+    """Generate the answers for a batch of conversations with the runtime init() chose."""
+    if _runtime == "onnxruntime-genai":
+        return [_generate_onnx(conversation, params, stop_event) for conversation in conversations]
+    return _generate_transformers(conversations, params, stop_event)
+
+
+def _generate_transformers(conversations, params, stop_event=None):
+    """The tutorial's runtime: all conversations in one left-padded batch, with transformers' generate()."""
     import torch
 
     batch = _tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
                                            return_tensors="pt", return_dict=True).to(_model.device)
     prompt_length = batch["input_ids"].shape[1]
-    context = getattr(_model.config, "max_position_embeddings", None)
-    if context and prompt_length + params["max_new_tokens"] > context:
-        raise BadRequest(f"the longest input is {prompt_length} tokens; with max_new_tokens "
-                         f"{params['max_new_tokens']} that exceeds the model's {context}-token context")
+    _check_context(prompt_length, params)
     options = {"max_new_tokens": params["max_new_tokens"], "do_sample": params["do_sample"],
-               "pad_token_id": _tokenizer.pad_token_id}
+               "pad_token_id": _tokenizer.pad_token_id, "eos_token_id": _stop_ids}
     if params["do_sample"]:  # greedy decoding ignores them, and transformers warns when they are passed
-        options.update(temperature=params["temperature"], top_p=params["top_p"])
+        options.update(temperature=params["temperature"], top_p=params["top_p"], top_k=_top_k)
     if stop_event is not None:
         options["stopping_criteria"] = _stop_when_set(stop_event)
     with torch.inference_mode():
         output = _model.generate(**batch, **options)
     new_tokens = output[:, prompt_length:]
     return [text.strip() for text in _tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _generate_onnx(conversation, params, stop_event=None):
+    """ONNX Runtime GenAI: one conversation, token by token, the same prompt, params and stops as transformers."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    prompt = list(_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"])
+    _check_context(len(prompt), params)
+    options = {"max_length": len(prompt) + params["max_new_tokens"], "do_sample": params["do_sample"]}
+    if params["do_sample"]:
+        options.update(temperature=params["temperature"], top_p=params["top_p"], top_k=_top_k)
+    search = og.GeneratorParams(_model)
+    search.set_search_options(**options)
+    generator = og.Generator(_model, search)
+    generator.append_tokens(np.array(prompt, dtype=np.int32))
+    answer = []
+    while not generator.is_done() and len(answer) < params["max_new_tokens"]:
+        if stop_event is not None and stop_event.is_set():  # the endpoint's timeout: free the model now
+            break
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        if token in _stop_ids:
+            break
+        answer.append(token)
+    return _tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
+def _check_context(prompt_length, params):
+    """BadRequest when the prompt and the new tokens would not fit in the model's context."""
+    if _context_length and prompt_length + params["max_new_tokens"] > _context_length:
+        raise BadRequest(f"the longest input is {prompt_length} tokens; with max_new_tokens "
+                         f"{params['max_new_tokens']} that exceeds the model's {_context_length}-token context")
 
 
 def _stop_when_set(event):

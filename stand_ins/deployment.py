@@ -113,7 +113,8 @@ def deploy_local(job, smoke_request, check_answer, foreground=False):
         if live:
             print(f"The previous endpoint ({live['slot']}, {live['url']}) keeps serving.", file=sys.stderr)
         return 1
-    print(f"Ready in {time.monotonic() - started:.1f} s. Smoke test: {smoke_request['input_data'][0]!r} -> {answer!r}")
+    print(f"Ready in {time.monotonic() - started:.1f} s, serving with {endpoint.runtime} (SERVING_RUNTIME="
+          f"{config.SERVING_RUNTIME}). Smoke test: {smoke_request['input_data'][0]!r} -> {answer!r}")
     update_env_file(config.ENV_FILE, {"AZURE_ML_ENDPOINT": endpoint.url, "AZURE_ML_API_KEY": endpoint.key})
     state = {"slot": slot, "pid": endpoint.pid, "create_time": endpoint.create_time, "url": endpoint.url,
              "log": str(endpoint.log_path), "model_name": config.AZURE_MODEL_NAME, "model_version": version,

@@ -31,6 +31,7 @@ from step_errors import StepError
 SERVER_MODULE = "stand_ins.endpoint_server"  # run as `python -m stand_ins.endpoint_server`
 KEY_VARIABLE = "LOCAL_ENDPOINT_KEY"  # the key reaches the server in its environment, never its command line
 READY_TIMEOUT_S = 180  # loading Phi-3.5-mini on a CPU takes a while; the tiny model takes seconds
+RUNTIME_HEADER = "X-Serving-Runtime"  # GET /ready names score.py's runtime in it
 STOP_GRACE_S = 10  # after SIGTERM, in-flight answers get this long before the process is killed
 
 
@@ -44,6 +45,7 @@ class RunningEndpoint:
     log_path: Path
     create_time: float
     exit_code: int | None = None  # set by stop()
+    runtime: str | None = None  # score.py's runtime (transformers or onnxruntime-genai), once it is ready
 
     @property
     def pid(self):
@@ -94,6 +96,7 @@ def wait_until_ready(endpoint, timeout_s=READY_TIMEOUT_S, while_loading=None):
         try:
             response = requests.get(ready_url, timeout=2)
             if response.status_code == 200:
+                endpoint.runtime = response.headers.get(RUNTIME_HEADER)
                 return endpoint
             if response.status_code == 500:
                 raise StepError(f"The endpoint could not load the model: {response.text[:300]}")

@@ -49,7 +49,7 @@ from starlette.routing import Route
 
 import config
 from stand_ins import chat_completions
-from stand_ins.endpoint_process import KEY_VARIABLE
+from stand_ins.endpoint_process import KEY_VARIABLE, RUNTIME_HEADER
 
 SCORING_SCRIPT = config.PROJECT_DIR / "scoring_dir" / "score.py"
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
@@ -136,9 +136,9 @@ class Endpoint:
         return PlainTextResponse("Healthy")
 
     async def readiness(self, request):
-        """GET /ready: 200 once the model has loaded."""
+        """GET /ready: 200 once the model has loaded, with score.py's runtime in a header."""
         self.check_ready()
-        return PlainTextResponse("Ready")
+        return PlainTextResponse("Ready", headers={RUNTIME_HEADER: str(getattr(self.scorer, "_runtime", None))})
 
     def check_ready(self):
         """503 while the model loads, 500 if it failed to load."""
@@ -315,6 +315,9 @@ def parse_args(argv=None):
                         help="the largest max_new_tokens a request may ask for (passed to score.py)")
     parser.add_argument("--max-inputs-per-request", type=int, default=config.MAX_INPUTS_PER_REQUEST,
                         help="the most inputs one request may carry; more get 413 (passed to score.py)")
+    parser.add_argument("--serving-runtime", default=config.SERVING_RUNTIME,
+                        choices=["auto", "onnxruntime-genai", "transformers"],
+                        help="score.py's runtime: auto serves the job's ONNX export on a CPU (SERVING_RUNTIME)")
     args = parser.parse_args(argv)
     for name in ("max_concurrent", "max_request_bytes", "max_new_tokens_limit", "max_inputs_per_request",
                  "request_timeout_ms"):
@@ -338,6 +341,7 @@ def main(argv=None):
     # score.py reads its limits from the environment, as it does in the Azure deployment.
     os.environ["MAX_NEW_TOKENS_LIMIT"] = str(args.max_new_tokens_limit)
     os.environ["MAX_INPUTS_PER_REQUEST"] = str(args.max_inputs_per_request)
+    os.environ["SERVING_RUNTIME"] = args.serving_runtime
     app = create_app(args.model_dir, key, args.max_concurrent, args.max_queue_wait_ms / 1000,
                      args.request_timeout_ms / 1000, args.max_request_bytes)
     endpoint = app.state.endpoint

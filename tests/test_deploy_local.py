@@ -190,8 +190,8 @@ def test_a_model_that_fails_to_load_leaves_the_previous_endpoint_serving(demo_ru
     model_output = Path(config.JOBS_DIR) / BROKEN_JOB / "model_output"
     shutil.rmtree(model_output, ignore_errors=True)
     shutil.copytree(trained_model_dir, model_output)
-    weights = list(model_output.rglob("*.safetensors"))
-    assert weights, f"no safetensors file under {model_output}"
+    weights = list(model_output.rglob("*.safetensors")) + list(model_output.rglob("model.onnx*"))
+    assert len(weights) >= 3, f"no safetensors and ONNX files under {model_output}"  # both runtimes' weights
     for path in weights:
         with open(path, "r+b") as handle:
             handle.truncate(64)  # an MLmodel file that looks fine, weights that do not load

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import ENV_CACHE, PROJECT_DIR, cached_venv, free_port, read_env_file, server_process
+from conftest import ENV_CACHE, PROJECT_DIR, WORK_DIR, cached_venv, free_port, read_env_file, server_process
 
 
 PIN = re.compile(r"^([A-Za-z0-9_.-]+)==([^\s#;]+)")
@@ -77,14 +78,17 @@ def test_requirements_are_all_pinned_exactly():
 def test_training_environment_pins_every_import_of_fine_tune():
     conda = conda_pip_pins(PROJECT_DIR / "conda.yml")
     imports = third_party_imports(PROJECT_DIR / "finetuning_dir" / "fine_tune.py")
-    assert imports >= {"torch", "transformers", "trl", "datasets", "mlflow", "peft"}
+    imports |= third_party_imports(PROJECT_DIR / "finetuning_dir" / "onnx_export.py")
+    assert imports >= {"torch", "transformers", "trl", "datasets", "mlflow", "peft", "onnxruntime_genai"}
     assert not unpinned(imports, conda), f"not pinned in conda.yml: {unpinned(imports, conda)}"
+    # The model builder imports onnx and onnx_ir, which onnxruntime-genai does not declare.
+    assert {"onnx", "onnx-ir", "onnxruntime"} <= set(conda)
 
 
 def test_inference_environment_pins_every_import_of_score():
     conda = conda_pip_pins(PROJECT_DIR / "scoring_dir" / "conda.yml")
     imports = third_party_imports(PROJECT_DIR / "scoring_dir" / "score.py")
-    assert imports >= {"torch", "transformers"}
+    assert imports >= {"torch", "transformers", "onnxruntime_genai"}
     assert not unpinned(imports, conda), f"not pinned in scoring_dir/conda.yml: {unpinned(imports, conda)}"
     assert "mlflow" not in conda  # score.py loads with transformers alone
 
@@ -130,33 +134,37 @@ def conda_venv(conda_file):
     return cached_venv(folder, lines, f"{conda_file.name}'s environment")
 
 
-@pytest.fixture(scope="module")
-def azure_inference_server(trained_model_dir):
+@pytest.fixture(scope="module", params=["onnxruntime-genai", "transformers"])
+def azure_inference_server(request, trained_model_dir):
     """azmlinfsrv (Azure's inference server) running scoring_dir/score.py on the demo's model, in a venv built
-    from scoring_dir/conda.yml alone; yields its base URL."""
+    from scoring_dir/conda.yml alone, once with each SERVING_RUNTIME; yields its base URL, runtime and log."""
     venv = conda_venv(PROJECT_DIR / "scoring_dir" / "conda.yml")
     port = free_port()
-    env = {**os.environ, "AZUREML_MODEL_DIR": str(trained_model_dir), "WORKER_COUNT": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "AZUREML_MODEL_DIR": str(trained_model_dir), "WORKER_COUNT": "1", "PYTHONUNBUFFERED": "1",
+           "SERVING_RUNTIME": request.param}
     command = [venv / "bin" / "python", "-m", "azureml_inference_server_http.amlserver", "--entry_script", "score.py",
                "--model_dir", trained_model_dir, "--port", port]
-    with server_process(command, f"http://127.0.0.1:{port}/", "azmlinfsrv.log", cwd=PROJECT_DIR / "scoring_dir",
+    log_name = f"azmlinfsrv-{request.param}.log"
+    with server_process(command, f"http://127.0.0.1:{port}/", log_name, cwd=PROJECT_DIR / "scoring_dir",
                         env=env, timeout_s=180):
-        yield f"http://127.0.0.1:{port}"
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", runtime=request.param, log=WORK_DIR / log_name)
 
 
 def test_azures_inference_server_runs_score_py_from_its_conda_file(azure_inference_server):
-    assert requests.get(azure_inference_server + "/", timeout=10).status_code == 200  # liveness
+    server = azure_inference_server.url
+    assert requests.get(server + "/", timeout=10).status_code == 200  # liveness
     tutorial = {"input_data": ["Who founded Microsoft?"],
                 "params": {"temperature": 0.7, "max_new_tokens": 64, "do_sample": False, "return_full_text": True}}
-    answer = requests.post(azure_inference_server + "/score", json=tutorial, timeout=120)
+    answer = requests.post(server + "/score", json=tutorial, timeout=120)
     assert answer.status_code == 200, answer.text
     assert answer.json()[0].startswith("Who founded Microsoft?") and "Bill Gates" in answer.json()[0]
     chat = [{"role": "user", "content": "Who founded Microsoft?"},
             {"role": "assistant", "content": "Microsoft was founded by Bill Gates and Paul Allen on April 4, 1975, in "
                                              "Albuquerque, New Mexico."},  # the training chat's own answer
             {"role": "user", "content": "Where is its headquarters today?"}]
-    follow_up = requests.post(azure_inference_server + "/score", json={"input_data": [chat]}, timeout=120)
+    follow_up = requests.post(server + "/score", json={"input_data": [chat]}, timeout=120)
     assert follow_up.status_code == 200 and "Redmond" in follow_up.json()[0]
+    assert f"with {azure_inference_server.runtime} in" in azure_inference_server.log.read_text()  # score.py's own line
 
 
 @pytest.mark.parametrize("body", [
@@ -168,7 +176,7 @@ def test_azures_inference_server_runs_score_py_from_its_conda_file(azure_inferen
     "[" * 100_000 + "]" * 100_000,
 ], ids=["not-json", "unknown-param", "empty", "too-many-inputs", "nested", "too-deep-to-parse"])
 def test_a_bad_request_gets_the_same_4xx_and_reason_from_azure_and_the_local_endpoint(azure_inference_server, body):
-    on_azure = requests.post(azure_inference_server + "/score", data=body, timeout=60,
+    on_azure = requests.post(azure_inference_server.url + "/score", data=body, timeout=60,
                              headers={"Content-Type": "application/json"})
     settings = read_env_file()  # the local endpoint `make demo` left running
     local = requests.post(settings["AZURE_ML_ENDPOINT"], data=body, timeout=60,
@@ -196,5 +204,7 @@ def test_the_training_job_runs_in_its_conda_file_as_the_command_job_calls_it(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Fine-tuning summary" in result.stdout and "(2 steps)" in result.stdout
     assert (tmp_path / "model_output" / "MLmodel").is_file()
+    # The export ran in the job's environment too (the builder's undeclared onnx/onnx_ir are in conda.yml).
+    assert "onnx export" in result.stdout and (tmp_path / "model_output" / "onnx_export.json").is_file()
     model = json.loads((tmp_path / "model_output" / "model" / "config.json").read_text())
     assert model["model_type"] == "phi3"

@@ -13,7 +13,7 @@ from conftest import PROJECT_DIR, run_script
 
 FINE_TUNE = PROJECT_DIR / "finetuning_dir" / "fine_tune.py"
 QUICK_ARGS = ["--no-packing", "--no-gradient-checkpointing", "--batch-size", "8", "--eval-strategy", "no",
-              "--logging-steps", "2", "--max-length", "256"]
+              "--logging-steps", "2", "--max-length", "256", "--no-onnx-export"]
 
 
 def summary_losses(text):

@@ -24,13 +24,18 @@ def load_score_module():
 
 
 
-@pytest.fixture(scope="module")
-def score(served_model_dir):
-    """score.py, initialised on the served model."""
+RUNTIMES = ("transformers", "onnxruntime-genai")
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def score(request, served_model_dir):
+    """score.py, initialised on the served model, once with each runtime: every contract test runs on both."""
     module = load_score_module()
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MAX_NEW_TOKENS_LIMIT", raising=False)  # the tests expect the default limit, 512
+        patch.setenv("SERVING_RUNTIME", request.param)
         module.init(str(served_model_dir))
+    assert module._runtime == request.param
     return module
 
 
@@ -189,7 +194,8 @@ def test_a_bad_request_shape_is_refused(score, request_body, says):
 
 
 def test_a_prompt_longer_than_the_context_is_refused(score):
-    context = score._model.config.max_position_embeddings
+    context = score._context_length  # the model's max_position_embeddings, for both runtimes
+    assert context and context == score._tokenizer.model_max_length
     with pytest.raises(score.BadRequest, match="context"):
         score.run({"input_data": ["word " * context], "params": {"max_new_tokens": 1}})
 
@@ -242,3 +248,42 @@ def test_max_new_tokens_limit_comes_from_the_environment(served_model_dir, monke
     monkeypatch.setenv("MAX_NEW_TOKENS_LIMIT", "lots")
     with pytest.raises(ValueError, match="MAX_NEW_TOKENS_LIMIT"):
         module.init(str(served_model_dir))
+
+
+# --- The serving runtime (SERVING_RUNTIME): transformers or fine_tune.py's ONNX Runtime GenAI export -------
+
+def test_both_runtimes_give_the_same_greedy_answers(served_model_dir, monkeypatch):
+    # fine_tune.py keeps an export only when its greedy answers match transformers' (finetuning_dir/onnx_export.py).
+    record = json.loads((served_model_dir / "onnx_export.json").read_text())
+    assert record["chosen"] and record["rule"]["min_identical"] == 1.0
+    questions = ["Who founded Microsoft?", "What is make demo?", "When did Apollo 11 land on the Moon?"]
+    answers = {}
+    for runtime in RUNTIMES:
+        monkeypatch.setenv("SERVING_RUNTIME", runtime)
+        module = load_score_module()
+        module.init(str(served_model_dir))
+        answers[runtime] = module.run({"input_data": questions, "params": {"max_new_tokens": 48}})
+    assert answers["transformers"] == answers["onnxruntime-genai"]
+    assert any(answer for answer in answers["transformers"])
+
+
+def test_auto_serves_the_export_on_a_cpu_and_transformers_on_a_gpu(served_model_dir, monkeypatch):
+    module = load_score_module()
+    assert module.choose_runtime(served_model_dir, "auto") == "onnxruntime-genai"
+    monkeypatch.setattr(module, "_has_cuda_gpu", lambda: True)
+    assert module.choose_runtime(served_model_dir, "auto") == "transformers"
+    assert module.choose_runtime(served_model_dir, "onnxruntime-genai") == "onnxruntime-genai"
+    assert module.choose_runtime(served_model_dir, "transformers") == "transformers"
+
+
+def test_a_model_without_an_export_serves_with_transformers(monkeypatch):
+    from stand_ins.tiny_model import ensure_tiny_phi3
+
+    base = ensure_tiny_phi3()  # a plain transformers folder: no onnx/
+    module = load_score_module()
+    assert module.choose_runtime(base, "auto") == "transformers"
+    with pytest.raises(FileNotFoundError, match="SERVING_RUNTIME=transformers"):
+        module.choose_runtime(base, "onnxruntime-genai")
+    monkeypatch.setenv("SERVING_RUNTIME", "tensorrt")
+    with pytest.raises(ValueError, match="SERVING_RUNTIME='tensorrt'"):
+        module.init(str(base))
