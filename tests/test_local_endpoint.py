@@ -254,23 +254,33 @@ def test_the_server_refuses_a_folder_without_a_model(tmp_path):
 
 # --- In-process: timeouts and failures of the scoring script ---------------------------------------------
 
-def test_a_request_over_the_timeout_gets_504_and_frees_the_model(served_model_dir):
+@pytest.mark.parametrize("runtime", ["transformers", "onnxruntime-genai"])
+def test_a_request_over_the_timeout_gets_504_and_frees_the_model(served_model_dir, runtime, monkeypatch):
     from starlette.testclient import TestClient
 
     from stand_ins import endpoint_server as endpoint_module
 
-    # Any generation takes longer than 0.1 ms; the stopped one must free the single slot for the next.
+    # Any generation takes longer than 0.1 ms; the stopped one must free the single slot for the next. The tiny
+    # model's ONNX answer takes ~2 ms, less than Python's 5 ms thread switch interval: the server's event loop
+    # would only get to run once the answer is done, so the interval is shortened to let the timeout fire.
+    monkeypatch.setenv("SERVING_RUNTIME", runtime)
+    interval = sys.getswitchinterval()
     app = endpoint_module.create_app(served_model_dir, "k", max_concurrent=1, max_queue_wait_s=5,
                                      request_timeout_s=0.0001)
     headers = {"Authorization": "Bearer k"}
     body = {"input_data": ["Tell me a long story."], "params": {"max_new_tokens": 500}}
     with TestClient(app) as client:
         wait_in_process(client)
-        for _ in range(2):
-            started = time.monotonic()
-            response = client.post("/score", json=body, headers=headers)
-            assert response.status_code == 504 and "REQUEST_TIMEOUT_MS" in response.json()["error"]
-            assert time.monotonic() - started < 4  # the second did not wait for the first's 500 tokens
+        assert client.get("/ready").headers["X-Serving-Runtime"] == runtime
+        sys.setswitchinterval(1e-5)
+        try:
+            for _ in range(2):
+                started = time.monotonic()
+                response = client.post("/score", json=body, headers=headers)
+                assert response.status_code == 504 and "REQUEST_TIMEOUT_MS" in response.json()["error"]
+                assert time.monotonic() - started < 4  # the second did not wait for the first's 500 tokens
+        finally:
+            sys.setswitchinterval(interval)
 
 
 def test_a_failing_scoring_script_gets_500_and_the_server_keeps_serving(tmp_path):

@@ -39,6 +39,7 @@ def test_the_demo_model_carries_the_export_the_rule_chose(trained_model_dir, dem
     assert (export / "genai_config.json").is_file() and (export / "model.onnx").is_file()
     assert not [p for p in trained_model_dir.iterdir() if ".partial" in p.name]
     assert f"onnx export  {chosen} (" in demo_run.stdout  # the job's summary names the choice
+    assert "serving with onnxruntime-genai (SERVING_RUNTIME=auto)" in demo_run.stdout  # step 3 serves it
 
 
 # --- the rule ------------------------------------------------------------------------------------------
