@@ -1,7 +1,8 @@
 """The local endpoint under load: latency percentiles, requests/s and status counts at several concurrencies.
 
-    python bench/endpoint_load.py                      # the model of the last job (outputs/last_job.json), ~1 min
+    python bench/endpoint_load.py                      # the model of the last job (outputs/last_job.json), ~3 min
     python bench/endpoint_load.py --model-dir outputs/jobs/<job>/model_output --threads 1 --json load.json
+    python bench/endpoint_load.py --runtimes transformers   # the tutorial's runtime alone
 
 Serves the model with the endpoint server deploy_model.py starts (stand_ins.endpoint_process.serve_model: a free
 loopback port, a key of its own), waits for /ready and sends --warmup-requests untimed. Then:
@@ -24,9 +25,14 @@ Clients keep one HTTP/1.1 connection each and never retry: a 429 (more than MAX_
 requests in flight for longer than MAX_QUEUE_WAIT_MS) is counted, as a load balancer would see it. Every run is
 bounded in requests and in time (--run-time-limit-s), the server listens on 127.0.0.1 only and is stopped at the
 end whatever happens. --json FILE also writes the results.
+
+--runtimes (default: transformers and onnxruntime-genai, when the model carries the job's ONNX export) serves the
+model once per runtime (score.py's SERVING_RUNTIME), both servers up at once; every run above is made for each
+runtime in turn before the next run starts, so a drifting machine hits them alike. The last table compares them.
 """
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -67,9 +73,12 @@ def parse_args(argv=None):
     parser.add_argument("--run-time-limit-s", type=float, default=300.0, help="no new request after this long in one run")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for the server and torch threads in-process (default: torch's, one per core)")
+    parser.add_argument("--runtimes", default="transformers,onnxruntime-genai",
+                        help="score.py's runtimes to compare (SERVING_RUNTIME values)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     args.concurrency = [int(value) for value in args.concurrency.split(",") if value.strip()]
+    args.runtimes = [value.strip() for value in args.runtimes.split(",") if value.strip()]
     return args
 
 
@@ -178,8 +187,9 @@ def _ms(seconds):
 
 
 # --- Overhead: the scoring script without the server ----------------------------------------------------------------
-def load_scorer_in_process(model_dir, max_new_tokens_limit, threads=None):
-    """scoring_dir/score.py loaded as the endpoint server loads it, init() on the same model; returns (module, seconds)."""
+def load_scorer_in_process(model_dir, max_new_tokens_limit, threads=None, runtime="transformers"):
+    """scoring_dir/score.py loaded as the endpoint server loads it, init() on the same model with `runtime`;
+    returns (module, seconds)."""
     import torch
     from transformers.utils import logging as transformers_logging
 
@@ -189,6 +199,7 @@ def load_scorer_in_process(model_dir, max_new_tokens_limit, threads=None):
         torch.set_num_threads(threads)
     transformers_logging.disable_progress_bar()
     os.environ["MAX_NEW_TOKENS_LIMIT"] = str(max_new_tokens_limit)  # what the endpoint server sets for score.py
+    os.environ["SERVING_RUNTIME"] = runtime
     scorer = load_scoring_script()
     started = time.perf_counter()
     scorer.init(str(model_dir))
@@ -286,58 +297,101 @@ def print_overhead(overhead):
                   f"p50 {figures['http_minus_server_score_p50_ms']:.2f} ms, p95 {figures['http_minus_server_score_p95_ms']:.2f} ms")
 
 
+def print_comparison(runs_by_runtime):
+    """The runtimes side by side: p50 and answered/s per client count, and the ratio to the first runtime."""
+    names = list(runs_by_runtime)
+    if len(names) < 2:
+        return
+    first = names[0]
+    print(f"\nSide by side (ratio = {first} / runtime; above 1: the runtime is faster):")
+    print(f"{'clients':>7} {'requests':>8} " + " ".join(f"{name + ' p50 ms':>28} {'200/s':>7}" for name in names)
+          + f" {'p50 ratio':>10} {'200/s ratio':>11}")
+    for index, run in enumerate(runs_by_runtime[first]):
+        other = runs_by_runtime[names[-1]][index]
+        cells = " ".join(f"{_cell(runs_by_runtime[name][index]['p50_ms']):>28} "
+                         f"{runs_by_runtime[name][index]['answered_per_s']:>7.1f}" for name in names)
+        p50_ratio = run["p50_ms"] / other["p50_ms"] if run["p50_ms"] and other["p50_ms"] else None
+        rate_ratio = other["answered_per_s"] / run["answered_per_s"] if run["answered_per_s"] else None
+        print(f"{run['concurrency']:>7} {run['sent']:>8} {cells} {_cell(p50_ratio, 'x'):>10} {_cell(rate_ratio, 'x'):>11}")
+
+
+def _cell(value, unit=""):
+    """A number for the table ('-' for none)."""
+    return "-" if value is None else f"{value:.1f}{unit}" if not unit else f"{value:.2f}{unit}"
+
+
+def runtimes_to_measure(requested, model_dir):
+    """The requested runtimes the model can be served with (onnxruntime-genai needs the job's export)."""
+    has_export = (model_dir / "onnx" / "genai_config.json").is_file()
+    runtimes = [name for name in requested if name != "onnxruntime-genai" or has_export]
+    for name in set(requested) - set(runtimes):
+        print(f"Skipping {name}: {config.shown(model_dir)} has no ONNX export (fine-tune with ONNX_EXPORT=true)")
+    if not runtimes:
+        raise SystemExit("error: no runtime left to measure")
+    return runtimes
+
+
 def main(argv=None):
-    """Start the endpoint, measure its overhead, load it, stop it."""
+    """Start one endpoint per runtime, measure each one's overhead, load them in turn, stop them."""
     args = parse_args(argv)
     model_dir = (args.model_dir or default_model_dir()).resolve()
+    runtimes = runtimes_to_measure(args.runtimes, model_dir)
     bodies = request_bodies(sample_questions(), args.max_new_tokens)
     print(f"Machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (1 min) at start; torch threads: "
-          f"{args.threads or 'default (one per core)'}")
+          f"{args.threads or 'default (one per core)'}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"Model: {config.shown(model_dir)}; {len(bodies)} different questions, max_new_tokens {args.max_new_tokens}, "
           f"greedy; server cap {config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE} concurrent, "
-          f"{config.MAX_QUEUE_WAIT_MS} ms queue wait")
-    scorer, load_s = load_scorer_in_process(model_dir, config.MAX_NEW_TOKENS_LIMIT, args.threads)
+          f"{config.MAX_QUEUE_WAIT_MS} ms queue wait; runtimes: {', '.join(runtimes)}")
 
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as folder:
-        log_path = Path(folder) / "endpoint.log"
-        started = time.perf_counter()
+    runs, overhead, ready = {name: [] for name in runtimes}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as folder, contextlib.ExitStack() as servers:
         threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+        servers.enter_context(mock.patch.dict(os.environ, threads))
+        endpoints = {}
         try:
-            with mock.patch.dict(os.environ, threads), serve_model(model_dir, log_path, host=HOST) as endpoint:
-                ready_s = time.perf_counter() - started
+            for name in runtimes:
+                scorer, load_s = load_scorer_in_process(model_dir, config.MAX_NEW_TOKENS_LIMIT, args.threads, name)
+                started = time.perf_counter()
+                endpoint = servers.enter_context(serve_model(model_dir, Path(folder) / f"{name}.log", host=HOST,
+                                                             extra_args=["--serving-runtime", name]))
+                ready[name] = {"ready_s": time.perf_counter() - started, "in_process_init_s": load_s}
                 port, key = int(endpoint.url.rsplit(":", 1)[1].split("/")[0]), endpoint.key
-                print(f"The endpoint server (pid {endpoint.pid}) ready on {endpoint.url} in {ready_s:.1f} s "
+                endpoints[name] = (port, key)
+                print(f"{name}: endpoint (pid {endpoint.pid}) ready on {endpoint.url} in {ready[name]['ready_s']:.1f} s "
                       f"(score.init() in this process: {load_s:.1f} s)")
                 run_load(port, key, bodies, 1, args.warmup_requests, args.request_timeout_s, args.run_time_limit_s)
-                overhead = measure_overhead(scorer, port, key, bodies, args.overhead_pairs, args.request_timeout_s)
-                plan = [(level, args.requests) for level in args.concurrency]
-                if args.long_requests:
-                    plan.append((max(args.concurrency), args.long_requests))
-                for concurrency, total in plan:
+                overhead[name] = measure_overhead(scorer, port, key, bodies, args.overhead_pairs, args.request_timeout_s)
+            plan = [(level, args.requests) for level in args.concurrency]
+            if args.long_requests:
+                plan.append((max(args.concurrency), args.long_requests))
+            for concurrency, total in plan:
+                for name, (port, key) in endpoints.items():  # each run for every runtime before the next run
                     results, wall_s, not_sent = run_load(port, key, bodies, concurrency, total, args.request_timeout_s,
                                                          args.run_time_limit_s)
-                    runs.append(summarize(results, wall_s, not_sent, concurrency))
-                    print(f"  {concurrency} client(s), {total} requests: {wall_s:.1f} s", flush=True)
+                    runs[name].append(summarize(results, wall_s, not_sent, concurrency))
+                    print(f"  {name}: {concurrency} client(s), {total} requests: {wall_s:.1f} s", flush=True)
         except BaseException:
-            print("--- endpoint log (tail) ---\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-20:]),
-                  file=sys.stderr)
+            for log_path in Path(folder).glob("*.log"):
+                print(f"--- {log_path.name} (tail) ---\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-20:]),
+                      file=sys.stderr)
             raise
-    print_runs(runs)
-    print_overhead(overhead)
-    lost = sum(run["lost"] for run in runs)
-    busy_at_or_below_cap = sum(run["busy_429"] for run in runs if run["concurrency"] <= config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE)
+    for name in runtimes:
+        print(f"\n=== {name} ===")
+        print_runs(runs[name])
+        print_overhead(overhead[name])
+    print_comparison(runs)
+    lost = sum(run["lost"] for name in runtimes for run in runs[name])
+    busy_at_or_below_cap = sum(run["busy_429"] for name in runtimes for run in runs[name]
+                               if run["concurrency"] <= config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE)
     print(f"Lost requests (no HTTP response): {lost}; 429s at or below the cap of "
           f"{config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE}: {busy_at_or_below_cap}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model_dir": str(model_dir), "threads": args.threads,
-                                         "max_new_tokens": args.max_new_tokens, "ready_s": ready_s,
-                                         "in_process_init_s": load_s, "runs": runs, "overhead": overhead,
-                                         "cores": os.cpu_count()}, indent=2) + "\n")
+                                         "max_new_tokens": args.max_new_tokens, "ready": ready, "runs": runs,
+                                         "overhead": overhead, "cores": os.cpu_count()}, indent=2) + "\n")
         print(f"Wrote {args.json}")
     return 1 if lost else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
