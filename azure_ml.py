@@ -9,6 +9,7 @@
 - blue/green housekeeping of an online endpoint: `next_slot`, `check_existing_endpoint`, `delete_if_failed`,
   `retire_previous`; `check_deploy_names()`: the endpoint's and both deployments' names.
 - the serverless road (serverless.py): `get_registry_client(...)`, `validate_rest_entity(...)`.
+- `inference_environment(...)`: the deployment's image and conda file, a CUDA pair on a GPU instance type.
 """
 
 import contextlib
@@ -280,3 +281,29 @@ def validate_rest_entity(entity, loader, title):
         except (ValidationError, ValueError) as error:
             raise StepError(f"The {title.lower()} does not validate: {getattr(error, 'messages', error)}") from None
     return text
+
+
+# --- The deployment's environment: CPU or GPU by instance type -------------------------------------------------------
+# Azure's GPU VM families are the N series: NC (compute, e.g. Standard_NC4as_T4_v3, Standard_NC24ads_A100_v4),
+# ND (deep learning, e.g. Standard_ND96asr_v4) and NV (visualization); every other family has no GPU.
+GPU_INSTANCE_TYPE = re.compile(r"^Standard_N[CDV]\d", re.IGNORECASE)
+
+
+def deployment_has_gpu(instance_type=None):
+    """True when the deployment's instance type has a GPU (AZURE_DEPLOYMENT_HAS_GPU=true/false overrides the rule)."""
+    override = config.AZURE_DEPLOYMENT_HAS_GPU.strip().lower()
+    if override in ("true", "false"):
+        return override == "true"
+    return bool(GPU_INSTANCE_TYPE.match(instance_type or config.AZURE_DEPLOYMENT_INSTANCE_TYPE))
+
+
+def inference_environment(scoring_dir, instance_type=None):
+    """The deployment's Environment: the CPU image and conda.yml (CPU torch), or on a GPU instance type the CUDA
+    image and conda_gpu.yml (CUDA torch; score.py then loads the model in bf16, or fp16 where the GPU lacks bf16)."""
+    from azure.ai.ml.entities import Environment
+
+    if deployment_has_gpu(instance_type):
+        return Environment(name="phi-3-inference-environment-gpu", image=config.AZURE_GPU_INFERENCE_IMAGE,
+                           conda_file=str(Path(scoring_dir) / "conda_gpu.yml"))
+    return Environment(name="phi-3-inference-environment", image=config.AZURE_INFERENCE_IMAGE,
+                       conda_file=str(Path(scoring_dir) / "conda.yml"))

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import config
 from azure_ml import (SLOTS, azure_errors, check_deploy_names as check_names, check_existing_endpoint, delete_if_failed,
-                      get_ml_client, next_slot, print_deployment_log_tail, print_validated, retire_previous,
-                      wait_with_progress)
+                      get_ml_client, inference_environment, next_slot, print_deployment_log_tail, print_validated,
+                      retire_previous, wait_with_progress)
 from job_record import find_job, read_last_job
 import serverless
 from safe_write import update_env_file
@@ -149,8 +149,7 @@ def build_endpoint(endpoint_name, description):
 
 def build_deployment(endpoint_name, deployment_name, model):
     """The deployment: our score.py and pinned environment on Standard_E4s_v3, with the tutorial's settings."""
-    from azure.ai.ml.entities import (CodeConfiguration, Environment, ManagedOnlineDeployment, OnlineRequestSettings,
-                                      ProbeSettings)
+    from azure.ai.ml.entities import CodeConfiguration, ManagedOnlineDeployment, OnlineRequestSettings, ProbeSettings
 
     # The tutorial's probes: a 7.6 GB model needs minutes to load on a CPU before the first answer.
     probe = ProbeSettings(failure_threshold=30, success_threshold=1, period=100, initial_delay=500)
@@ -160,8 +159,7 @@ def build_deployment(endpoint_name, deployment_name, model):
         model=model,
         # Our own score.py and environment instead of a no-code MLflow deployment, which keeps breaking.
         code_configuration=CodeConfiguration(code=str(SCORING_DIR), scoring_script="score.py"),
-        environment=Environment(name="phi-3-inference-environment", image=config.AZURE_INFERENCE_IMAGE,
-                                conda_file=str(SCORING_DIR / "conda.yml")),
+        environment=inference_environment(SCORING_DIR),  # on a GPU instance type: CUDA image and torch
         instance_type=config.AZURE_DEPLOYMENT_INSTANCE_TYPE,
         instance_count=config.AZURE_DEPLOYMENT_INSTANCE_COUNT,
         environment_variables={

@@ -37,9 +37,9 @@ except ImportError:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 512  # a CPU instance writes a few tokens a second with Phi-3.5-mini
-# Phi-3.5-mini on a Standard_E4s_v3 decodes ~2 tokens/s for one input; a batch of 4 costs ~1.3x one (the
-# weights are read once per step for the whole batch), so 4 inputs x 128 new tokens take ~85 s, within
-# Azure's 180 s request timeout. More inputs per request would hold the model past it: send more requests.
+# Phi-3.5-mini on a Standard_E4s_v3 (docs/benchmarks.md, section 5): an int4 ONNX export decodes ~5 tokens/s,
+# one input after another, so 4 inputs x 128 new tokens take ~100 s, within Azure's 180 s request timeout;
+# transformers decodes ~1 token/s (a batch of 4 costs ~1.3x one): set MAX_INPUTS_PER_REQUEST=1 for it.
 DEFAULT_MAX_INPUTS_PER_REQUEST = 4
 MAX_JSON_DEPTH = 16  # {"input_data": [[{"role": ..., "content": ...}]]} is 4 levels; deeper is not a request
 ROLES = ("system", "user", "assistant")
@@ -144,12 +144,14 @@ def _has_cuda_gpu():
 
 
 def _load_model(folder):
-    """The causal LM in its saved dtype, on the GPU when there is one."""
+    """The causal LM for transformers: on a CUDA GPU in bf16 (fp16 where the GPU lacks bf16), on a CPU as saved."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
+    if not torch.cuda.is_available():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # A100/H100: bf16; T4/V100: fp16
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to("cuda").eval()
 
 
 def _load_onnx_model(folder):

@@ -66,6 +66,9 @@ DEPLOY_DEFAULTS = {
     "AZURE_DEPLOYMENT_INSTANCE_TYPE": "Standard_E4s_v3",
     "AZURE_DEPLOYMENT_INSTANCE_COUNT": 1,
     "AZURE_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest",
+    "AZURE_GPU_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cuda11.8-gpu-inference:latest",
+    "AZURE_DEPLOYMENT_HAS_GPU": "auto",
+    "SERVING_RUNTIME": "auto",
     "MAX_CONCURRENT_REQUESTS_PER_INSTANCE": 3,
     "REQUEST_TIMEOUT_MS": 180000,
     "AZURE_COMPUTE_NAME": "gpu-nc24s-a100-v4",
@@ -246,6 +249,7 @@ def test_deployment_settings(service, capsys):
     conda_yml = yaml.safe_load((scoring_dir / "conda.yml").read_text(encoding="utf-8"))
     assert deployment.environment.conda_file == conda_yml
     variables = deployment.environment_variables
+    assert variables["SERVING_RUNTIME"] == "auto"  # score.py serves the job's ONNX export on this CPU instance
     assert variables["SUBSCRIPTION_ID"] == FAKE_SUBSCRIPTION_ID
     assert variables["RESOURCE_GROUP_NAME"] == "rg-phi3-tests"
     assert variables["UAI_CLIENT_ID"] == FAKE_DEPLOY_SETTINGS["AZURE_MANAGED_IDENTITY_CLIENT_ID"]
@@ -499,6 +503,34 @@ def test_the_deployment_image_is_a_supported_one(azure, monkeypatch, capsys):
     image = validated_yaml_blocks(out)["Deployment"]["environment"]["image"]
     # Microsoft's supported inference images; "...-py311-cpu-inference" does not exist (ImageBuildFailure).
     assert image == "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest"
+
+
+@pytest.mark.parametrize("instance_type, override, gpu", [
+    ("Standard_E4s_v3", "auto", False),
+    ("Standard_NC4as_T4_v3", "auto", True),
+    ("Standard_NC24ads_A100_v4", "auto", True),
+    ("Standard_ND96asr_v4", "auto", True),
+    ("Standard_NV36ads_A10_v5", "auto", True),
+    ("Standard_D4s_v3", "auto", False),
+    ("Standard_NC24ads_A100_v4", "false", False),  # AZURE_DEPLOYMENT_HAS_GPU overrides the rule
+    ("Standard_Custom_X", "true", True),
+])
+def test_a_gpu_instance_type_deploys_the_cuda_image_and_torch(azure, monkeypatch, capsys, instance_type, override, gpu):
+    forbid_ml_client(monkeypatch, deploy_model)
+    block_network(monkeypatch)
+    monkeypatch.setattr(config, "AZURE_DEPLOYMENT_INSTANCE_TYPE", instance_type)
+    monkeypatch.setattr(config, "AZURE_DEPLOYMENT_HAS_GPU", override)
+    code, out, err = run_main(capsys, "--dry-run")
+    assert code == 0, err
+    deployment = validated_yaml_blocks(out)["Deployment"]  # passed azure-ai-ml's own schema
+    assert deployment["instance_type"] == instance_type
+    environment = deployment["environment"]
+    image = DEPLOY_DEFAULTS["AZURE_GPU_INFERENCE_IMAGE" if gpu else "AZURE_INFERENCE_IMAGE"]
+    assert environment["image"] == image
+    conda_file = PROJECT_DIR / "scoring_dir" / ("conda_gpu.yml" if gpu else "conda.yml")
+    assert environment["conda_file"] == yaml.safe_load(conda_file.read_text(encoding="utf-8"))
+    pip = next(item["pip"] for item in environment["conda_file"]["dependencies"] if isinstance(item, dict))
+    assert ("torch==2.13.0+cu126" if gpu else "torch==2.13.0+cpu") in pip
 
 
 def test_the_default_images_in_config_are_supported_ones(tmp_path):

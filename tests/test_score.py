@@ -287,3 +287,26 @@ def test_a_model_without_an_export_serves_with_transformers(monkeypatch):
     monkeypatch.setenv("SERVING_RUNTIME", "tensorrt")
     with pytest.raises(ValueError, match="SERVING_RUNTIME='tensorrt'"):
         module.init(str(base))
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bfloat16"), (False, "float16")])
+def test_on_a_gpu_the_model_loads_in_bf16_or_fp16(monkeypatch, bf16, expected):
+    # A GPU deployment (conda_gpu.yml): A100/H100 have bf16, T4/V100 only fp16; the CPU keeps the saved dtype.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded = []
+
+    class Loaded:
+        def to(self, device):
+            loaded.append(device)
+            return self
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda folder, dtype: loaded.append(dtype) or Loaded())
+    load_score_module()._load_model("model")
+    assert loaded == [getattr(torch, expected), "cuda"]
