@@ -92,10 +92,17 @@ TEST_DATA_PATH = _path("TEST_DATA_PATH", "data/test_data.jsonl")
 
 # --- Step 2: the base model ----------------------------------------------------------------------
 AZURE_BASE_MODEL_NAME = _str("AZURE_BASE_MODEL_NAME", "microsoft/Phi-3.5-mini-instruct")  # or microsoft/Phi-3-mini-4k-instruct
-# The local target fine-tunes a tiny Phi-3 (same architecture, random weights) built here in seconds. A folder
-# that holds a model of your own (not built by stand_ins/tiny_model.py) is used as it is and never overwritten.
-LOCAL_BASE_MODEL_DIR = _path("LOCAL_BASE_MODEL_DIR", "models/tiny-phi3")
-BASE_MODEL_NAME = AZURE_BASE_MODEL_NAME if TARGET == "azure" else str(LOCAL_BASE_MODEL_DIR)
+# The local target's base model: a Hub id (microsoft/Phi-3.5-mini-instruct, microsoft/Phi-3-mini-4k-instruct,
+# microsoft/Phi-4-mini-instruct: a GPU of your own, see the README) or a folder. By default the tiny Phi-3 (same
+# architecture, random weights), built in TINY_MODEL_DIR in seconds; a folder there that holds a model of your
+# own (not built by stand_ins/tiny_model.py) is never overwritten. (TINY_MODEL_DIR was LOCAL_BASE_MODEL_DIR.)
+TINY_MODEL_DIR = _path("TINY_MODEL_DIR", _str("LOCAL_BASE_MODEL_DIR", "models/tiny-phi3"))
+LOCAL_BASE_MODEL = _str("LOCAL_BASE_MODEL", "") or str(TINY_MODEL_DIR)  # empty: the tiny model
+LOCAL_BASE_MODEL_IS_TINY = (PROJECT_DIR / LOCAL_BASE_MODEL).resolve() == Path(TINY_MODEL_DIR).resolve()
+BASE_MODEL_NAME = AZURE_BASE_MODEL_NAME if TARGET == "azure" else LOCAL_BASE_MODEL
+# auto: the most faithful method that fits the GPU (full, then lora, then qlora), from an estimate printed before
+# the weights load (finetuning_dir/memory_estimate.py). qlora needs a CUDA GPU. Both targets.
+FINETUNE_METHOD = _str("FINETUNE_METHOD", "auto")
 
 # --- Step 2: Azure ML compute, environment and job (setup_ml.py) ---------------------------------
 # The CPU variant is for subscriptions without GPU quota (free/benefit ones): slower, use a tiny DATASET_SPLIT.
@@ -129,14 +136,14 @@ INSTANCE_COUNT = _int("INSTANCE_COUNT", 1)
 PROCESSES_PER_NODE = _int("PROCESSES_PER_NODE", 1)  # 1 per GPU; Standard_NC24ads_A100_v4 has 1, ND96asr_v4 has 8
 AZURE_COMPUTE_MAX_INSTANCES = _int("AZURE_COMPUTE_MAX_INSTANCES", max(1, INSTANCE_COUNT))
 
-# --- Step 2: fine-tuning the local tiny model --------------------------------------------------------
-# A random-init model has to learn everything from the chats, so it needs more epochs and a far higher
-# learning rate than the tutorial's (3 epochs at 5e-6 on a pretrained Phi-3.5). These were measured on 2 CPU
-# cores: ~25 s of training, eval loss 7.7 -> 0.8, and verbatim answers to the training questions.
-LOCAL_EPOCHS = _float("LOCAL_EPOCHS", 15)  # 10 is faster, but some answers come out mixed up
-LOCAL_LEARNING_RATE = _float("LOCAL_LEARNING_RATE", 5e-3)  # 1e-2 diverges; 1e-3 needs ~3x the epochs
-LOCAL_BATCH_SIZE = _int("LOCAL_BATCH_SIZE", 16)  # 8 learns a little more per epoch but takes ~1.5x as long
-LOCAL_MAX_LENGTH = _int("LOCAL_MAX_LENGTH", 512)  # the sample chats are short; 2048 only wastes padding
+# --- Step 2: fine-tuning on this machine (the settings follow LOCAL_BASE_MODEL) ---------------------------
+# The tiny model starts from random weights and must learn everything from the chats: far more epochs and a
+# far higher learning rate than the tutorial's, measured on 2 CPU cores (~25 s of training, eval loss 7.7 -> 0.8,
+# verbatim answers). A pretrained Phi gets the tutorial's: lr 5e-3 for 15 epochs would wreck what it knows.
+LOCAL_EPOCHS = _float("LOCAL_EPOCHS", 15 if LOCAL_BASE_MODEL_IS_TINY else 3)  # tiny: 10 mixes some answers up
+LOCAL_LEARNING_RATE = _float("LOCAL_LEARNING_RATE", 5e-3 if LOCAL_BASE_MODEL_IS_TINY else 5e-6)  # tiny: 1e-2 diverges
+LOCAL_BATCH_SIZE = _int("LOCAL_BATCH_SIZE", 16 if LOCAL_BASE_MODEL_IS_TINY else 4)  # per device; the tutorial's 4
+LOCAL_MAX_LENGTH = _int("LOCAL_MAX_LENGTH", 512 if LOCAL_BASE_MODEL_IS_TINY else 2048)  # tiny: the sample chats are short
 JOBS_DIR = _path("JOBS_DIR", "outputs/jobs")  # local jobs: one folder per job (log, checkpoints, model_output)
 LAST_JOB_FILE = _path("LAST_JOB_FILE", "outputs/last_job.json")  # written by setup_ml.py, read by deploy_model.py
 
@@ -150,14 +157,21 @@ AZURE_DEPLOYMENT_INSTANCE_COUNT = _int("AZURE_DEPLOYMENT_INSTANCE_COUNT", 1)
 # A supported inference base image (Microsoft's "prebuilt Docker images for inference" page, checked 2026-12-02;
 # "...-py311-cpu-inference" does not exist: ImageBuildFailure). scoring_dir/conda.yml brings its own Python 3.11.
 AZURE_INFERENCE_IMAGE = _str("AZURE_INFERENCE_IMAGE", "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest")
+# A GPU instance type (the N series: Standard_NC4as_T4_v3, Standard_NC24ads_A100_v4, ...) deploys this CUDA image
+# and scoring_dir/conda_gpu.yml (CUDA 12.6 torch, which brings its own CUDA libraries) instead: the same page lists
+# it as the GPU minimal inference image. AZURE_DEPLOYMENT_HAS_GPU: "auto" (by the instance type), "true", "false".
+AZURE_GPU_INFERENCE_IMAGE = _str("AZURE_GPU_INFERENCE_IMAGE",
+                                 "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cuda11.8-gpu-inference:latest")
+AZURE_DEPLOYMENT_HAS_GPU = _str("AZURE_DEPLOYMENT_HAS_GPU", "auto")
 MAX_CONCURRENT_REQUESTS_PER_INSTANCE = _int("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", 3)  # more wait, then 429
 # Local endpoint only: how long a request waits for a free slot before 429. (Azure deprecated its
 # max_queue_wait_ms request setting; deploy_model.py leaves it out.) Longer: fewer 429s, slower ones.
 MAX_QUEUE_WAIT_MS = _int("MAX_QUEUE_WAIT_MS", 500)
-REQUEST_TIMEOUT_MS = _int("REQUEST_TIMEOUT_MS", 180000)  # a CPU answer from Phi-3.5-mini takes minutes
+REQUEST_TIMEOUT_MS = _int("REQUEST_TIMEOUT_MS", 180000)  # Azure's most: transformers on a CPU needs ~2 min for 128 tokens
 MAX_NEW_TOKENS_LIMIT = _int("MAX_NEW_TOKENS_LIMIT", 512)  # ceiling for a request's max_new_tokens
 # Inputs (questions or conversations) one request may carry; more get 413. Phi-3.5-mini on a Standard_E4s_v3
-# answers 4 inputs x 128 new tokens in ~85 s (one batch; ~2 tokens/s), within the 180 s request timeout.
+# (docs/benchmarks.md, section 5, scaled): an int4 export answers 4 inputs x 128 new tokens in ~100 s, within
+# the 180 s request timeout; transformers (~1 token/s) or an fp32 export need 1 here, and 1 concurrent request.
 MAX_INPUTS_PER_REQUEST = _int("MAX_INPUTS_PER_REQUEST", 4)
 # Azure's inference server runs score.py in gunicorn sync workers: one request at a time each, and each loads
 # its own copy of the model. Standard_E4s_v3: 32 GiB - ~2 GiB for the OS and server = ~30 GiB; Phi-3.5-mini in

@@ -152,16 +152,16 @@ def log_runs(evaluations, chart, output_dir):
 # --- The base model behind a temporary local endpoint ---------------------------------------------
 @contextlib.contextmanager
 def base_model_endpoint():
-    """Serve the untrained base model (LOCAL_BASE_MODEL_DIR) on a free port with a fresh key; yields (url, key)."""
+    """Serve the untrained base model (LOCAL_BASE_MODEL) on a free port with a fresh key; yields (url, key)."""
     from stand_ins.endpoint_process import serve_model
-    from stand_ins.job_runner import base_model
+    from stand_ins.job_runner import base_model_folder
     from step_errors import StepError
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="base-model-") as folder:
         log_path = Path(folder) / "endpoint.log"
         try:
-            with serve_model(base_model(), log_path) as endpoint:
+            with serve_model(base_model_folder(), log_path) as endpoint:
                 print(f"Base model served at {endpoint.url} ({time.perf_counter() - started:.1f} s to load)")
                 yield endpoint.url, endpoint.key
         except StepError as error:

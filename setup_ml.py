@@ -170,7 +170,7 @@ def check_processes_per_node(ml_client, instance_type):
 def training_command(train_file, eval_file, model_output_dir, extra_args=()):
     """The fine_tune.py command line, the same for the Azure job and the local run (ONNX export settings included)."""
     return ["fine_tune.py", "--train-file", train_file, "--eval-file", eval_file,
-            "--model_output_dir", model_output_dir, *extra_args,
+            "--model_output_dir", model_output_dir, *extra_args, "--method", config.FINETUNE_METHOD,
             "--onnx-export" if config.ONNX_EXPORT else "--no-onnx-export",
             "--onnx-min-identical", str(config.ONNX_MIN_IDENTICAL_ANSWERS),
             "--onnx-max-perplexity-increase", str(config.ONNX_MAX_PERPLEXITY_INCREASE)]

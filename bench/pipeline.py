@@ -10,7 +10,7 @@ Runs, each as the user's own command in a subprocess with this interpreter (the 
 
 (without that last script: `pf flow test --flow . --inputs input_data="Who founded Microsoft?"`), then
 `python cleanup.py`, timed but not part of the total. Every output goes to a fresh temporary folder
-(stand_ins/sandbox.py's isolated_env(), which tests/conftest.py uses too: TRAIN_DATA_PATH, LOCAL_BASE_MODEL_DIR, JOBS_DIR,
+(stand_ins/sandbox.py's isolated_env(), which tests/conftest.py uses too: TRAIN_DATA_PATH, TINY_MODEL_DIR, JOBS_DIR,
 MLFLOW_TRACKING_URI, a free LOCAL_ENDPOINT_PORT pair, PF_HOME_DIRECTORY, ...), so nothing of yours is touched
 and every run starts as a first `make demo` after install does: no data, no base model, no MLflow database.
 Telemetry is off as in the Makefile, and `pf config set telemetry.enabled=false trace.destination=none` runs

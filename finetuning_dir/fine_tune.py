@@ -28,9 +28,11 @@ from pathlib import Path
 
 if __package__:  # imported from the project (tests, benchmarks): one module name, finetuning_dir.chat_data
     from .chat_data import ChatDataError, read_chat_jsonl
+    from .memory_estimate import MethodError, plan
     from .onnx_export import export_onnx, summary_line
 else:  # run as a script, as in the job, whose code folder is this one
     from chat_data import ChatDataError, read_chat_jsonl
+    from memory_estimate import MethodError, plan
     from onnx_export import export_onnx, summary_line
 
 TUTORIAL_BASE_MODEL = "microsoft/Phi-3.5-mini-instruct"
@@ -62,7 +64,11 @@ def parse_args(argv=None):
     model.add_argument("--require-gpu", action="store_true",
                        help="stop with the reason when torch sees no GPU, instead of training on the CPU "
                             "(setup_ml.py passes it on GPU clusters)")
-    model.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 trains every weight (needs an 80 GB GPU for Phi-3.5-mini)")
+    model.add_argument("--method", default="auto", choices=["auto", "full", "lora", "qlora"],
+                       help="full: every weight (the tutorial's); lora: adapters on a frozen model; qlora: adapters on a "
+                            "4-bit NF4 model (CUDA only); auto: the most faithful that fits in memory (memory_estimate.py)")
+    model.add_argument("--lora-r", type=int, default=0, help="LoRA rank for lora/qlora (0: 16); with --method auto, "
+                                                             "a rank above 0 asks for lora")
     model.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling; usually 2x the rank")
     model.add_argument("--lora-dropout", type=float, default=0.05)
     model.add_argument("--lora-target-modules", default="all-linear", help="comma-separated module names, or all-linear")
@@ -119,16 +125,43 @@ def load_chat_dataset(path):
     return Dataset.from_list([{"messages": record["messages"]} for record in read_chat_jsonl(path)])
 
 
+def choose_method(args, use_bf16, use_cpu):
+    """Print the memory estimate of every method and return the one to train with (before loading the weights)."""
+    from transformers import AutoConfig
+
+    requested = "lora" if args.method == "auto" and args.lora_r > 0 else args.method
+    method, why, table = plan(AutoConfig.from_pretrained(args.model_name), requested, args.max_length,
+                              args.batch_size, use_bf16, has_cuda=not use_cpu, lora_rank=args.lora_r or 16,
+                              gradient_checkpointing=args.gradient_checkpointing)
+    if is_main_process():
+        print(f"{table}\nMethod: {why}", flush=True)
+    if method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401 - QLoRA's 4-bit kernels
+        except ImportError:
+            raise MethodError("qlora needs bitsandbytes: pip install -r requirements-gpu.txt (README: your own GPU)") from None
+    return method
+
+
 def load_model_and_tokenizer(args, use_bf16):
-    """Load the base model and its tokenizer, set up for training."""
+    """Load the base model and its tokenizer, set up for training (for qlora: in 4-bit NF4, bitsandbytes)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    method = args.method if args.method != "auto" else ("lora" if args.lora_r > 0 else "full")  # as choose_method
+    quantization = {}
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        quantization["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float16)
     model = AutoModelForCausalLM.from_pretrained(
         args.model_name,
         dtype=torch.bfloat16 if use_bf16 else torch.float32,
         attn_implementation=args.attn_implementation,
         use_cache=False,  # the KV cache is for generation; it conflicts with gradient checkpointing
+        **quantization,
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model_name)
     tokenizer.model_max_length = args.max_length
@@ -139,13 +172,35 @@ def load_model_and_tokenizer(args, use_bf16):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
     tokenizer.padding_side = "right"
-    if args.lora_r > 0:
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=args.lora_r or 16, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
     return model, tokenizer
+
+
+def plain_model(model, args):
+    """The model to save: LoRA adapters merged into the weights; for qlora, into a bf16 copy of the base model
+    (a 4-bit model cannot take them), so the MLflow model and serving are the same for every method."""
+    if args.method != "qlora":
+        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="adapter-") as adapter:
+        model.save_pretrained(adapter)  # the adapters only (a few MB)
+        base = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=torch.bfloat16)
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
 def sft_config(args, use_bf16, use_cpu):
@@ -249,7 +304,7 @@ class LiveMetrics:
         mlflow.log_params({
             "base_model": args.model_name, "epochs": args.epochs, "learning_rate": args.learning_rate,
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
-            "lora_r": args.lora_r, "seed": args.seed, "packing": args.packing,
+            "method": args.method, "lora_r": args.lora_r, "seed": args.seed, "packing": args.packing,
             "attn_implementation": args.attn_implementation,
         })
 
@@ -369,6 +424,11 @@ def main(argv=None):
               file=sys.stderr)
         return 3
     use_bf16 = not use_cpu and torch.cuda.is_bf16_supported()  # A100/H100 yes; CPU and older GPUs: fp32
+    try:
+        args.method = choose_method(args, use_bf16, use_cpu)  # before any weight is loaded
+    except MethodError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     # --- Load the base model ---
     model, tokenizer = load_model_and_tokenizer(args, use_bf16)
@@ -400,7 +460,7 @@ def main(argv=None):
     }
 
     # --- Save the model first: nothing after this may lose it ---
-    save_mlflow_model(trainer.model, tokenizer, args.model_output_dir)
+    save_mlflow_model(plain_model(trainer.model, args), tokenizer, args.model_output_dir)
     onnx_record = export_for_cpus(args) if args.onnx_export else None
     metrics["wall_time_seconds"] = time.perf_counter() - started
 

@@ -103,10 +103,19 @@ def plain_transformers_folder(model_dir, folder):
         raise ExportError(f"no model/config.json in {model_dir}: is it an MLflow model from fine_tune.py?")
     folder.mkdir(parents=True)
     for source in [*weights.iterdir(), *(tokenizer.iterdir() if tokenizer.is_dir() else [])]:
+        if source.name == "config.json":
+            continue
         try:
             os.symlink(source.resolve(), folder / source.name)
         except OSError:  # Windows without the right to make links
             shutil.copy2(source, folder / source.name)
+    config = json.loads((weights / "config.json").read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters")
+    # transformers 5 saves Phi-3.5-mini's LongRoPE as rope_parameters {"rope_type": "longrope", ...}; the builder
+    # (0.18.0, builders/phi.py) also reads the older key "type" there and fails without it (KeyError: 'type').
+    if isinstance(rope, dict) and "rope_type" in rope and "type" not in rope:
+        config["rope_parameters"] = {**rope, "type": rope["rope_type"]}
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return folder
 
 

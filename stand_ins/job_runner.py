@@ -9,6 +9,7 @@ in outputs/last_job.json, where deploy_model.py finds it. A job folder is never 
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,8 +22,9 @@ from stand_ins import tiny_model
 from step_errors import LOG_TAIL_LINES, StepError, print_tail
 
 FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"
-# The tiny local model learns from scratch: see the LOCAL_* settings in config.py for the why.
-LOCAL_TRAINING_ARGS = [
+# The tiny local model learns from scratch: see the LOCAL_* settings in config.py for the why. Any other base
+# model (LOCAL_BASE_MODEL) trains with the tutorial's defaults of fine_tune.py: packing, gradient checkpointing.
+TINY_TRAINING_ARGS = [
     "--no-packing",  # whole chats, one per row: the tiny model memorizes them more cleanly
     "--no-gradient-checkpointing",  # a 1M-parameter model has no memory to save
     "--group-by-length",  # batches of similar length: ~1.4x faster than random batches with padding
@@ -30,8 +32,7 @@ LOCAL_TRAINING_ARGS = [
     "--eval-strategy", "no",  # eval loss is measured before and after training instead of every epoch
     "--logging-steps", "20",  # the tutorial's: ~13 points of the live loss curve in MLflow (make studio)
     "--save-steps", "200",
-    "--fast-exit",  # skip the 2-5 s teardown of torch after the summary (fine_tune.py ignores it under torchrun)
-]
+]  # and for every local job: --fast-exit, which skips the 2-5 s teardown of torch (ignored under torchrun)
 
 
 def job_folder(job_name):
@@ -39,13 +40,34 @@ def job_folder(job_name):
     return Path(config.JOBS_DIR) / job_name
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as microsoft/Phi-4-mini-instruct
+
+
 def base_model(build=True):
-    """LOCAL_BASE_MODEL_DIR: the tiny Phi-3 (built on first use when `build`), or a model of your own that
-    you put there, used as it is and never rebuilt."""
-    folder = Path(config.LOCAL_BASE_MODEL_DIR)
+    """LOCAL_BASE_MODEL: the tiny Phi-3 in TINY_MODEL_DIR (built on first use when `build`; a model of your own put
+    there is used as it is and never rebuilt), a folder of yours, or a Hub id (fine_tune.py downloads it)."""
+    if not config.LOCAL_BASE_MODEL_IS_TINY:
+        folder = config.PROJECT_DIR / config.LOCAL_BASE_MODEL
+        if folder.is_dir():
+            return folder
+        if not HUB_ID.match(config.LOCAL_BASE_MODEL):
+            raise StepError(f"LOCAL_BASE_MODEL={config.LOCAL_BASE_MODEL!r} is neither a folder nor a Hub id "
+                            "(owner/name, e.g. microsoft/Phi-4-mini-instruct)")
+        return config.LOCAL_BASE_MODEL
+    folder = Path(config.TINY_MODEL_DIR)
     if tiny_model.holds_other_model(folder) or not build:
         return folder
     return tiny_model.ensure_tiny_phi3(folder)
+
+
+def base_model_folder():
+    """The base model as a folder score.py can serve: its own, or for a Hub id the local copy (downloaded once)."""
+    model = base_model()
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model)))
 
 
 def local_job_command(job_name, training_args, build=True):
@@ -55,7 +77,8 @@ def local_job_command(job_name, training_args, build=True):
               "--model-name", str(base_model(build)), "--checkpoint-dir", str(job_dir / "checkpoints"),
               "--epochs", str(config.LOCAL_EPOCHS), "--learning-rate", str(config.LOCAL_LEARNING_RATE),
               "--batch-size", str(config.LOCAL_BATCH_SIZE), "--max-length", str(config.LOCAL_MAX_LENGTH),
-              "--loss-curves", str(job_dir / "loss_curves.png"), *LOCAL_TRAINING_ARGS]
+              "--loss-curves", str(job_dir / "loss_curves.png"), "--fast-exit",
+              *(TINY_TRAINING_ARGS if config.LOCAL_BASE_MODEL_IS_TINY else [])]
     if config.PROCESSES_PER_NODE > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={config.PROCESSES_PER_NODE}", *script]

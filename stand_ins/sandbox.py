@@ -49,7 +49,7 @@ def isolated_env(work_dir):
         "FINETUNE_PHI_ENV_FILE": str(work_dir / ".env"),
         "TRAIN_DATA_PATH": str(work_dir / "data" / "train_data.jsonl"),
         "TEST_DATA_PATH": str(work_dir / "data" / "test_data.jsonl"),
-        "LOCAL_BASE_MODEL_DIR": str(work_dir / "models" / "tiny-phi3"),
+        "TINY_MODEL_DIR": str(work_dir / "models" / "tiny-phi3"),
         "JOBS_DIR": str(work_dir / "outputs" / "jobs"),
         "LAST_JOB_FILE": str(work_dir / "outputs" / "last_job.json"),
         "LOCAL_ENDPOINT_DIR": str(work_dir / "outputs" / "endpoint"),

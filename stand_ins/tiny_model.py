@@ -1,9 +1,10 @@
 """The local base model: a tiny Phi-3 (random weights, ~1M parameters) that stands in for Phi-3.5-mini.
 
     python -m stand_ins.tiny_model     # writes models/tiny-phi3/ (a few seconds, mostly importing torch); --force rebuilds it
+    python -m stand_ins.tiny_model --variant phi-4-mini --output-dir models/tiny-phi4   # a Phi-4-mini stand-in
 
 The local job calls `ensure_tiny_phi3()` itself, so you rarely run this by hand. A folder at
-LOCAL_BASE_MODEL_DIR that this module did not build (a model of your own) is never replaced. The model is a real
+TINY_MODEL_DIR that this module did not build (a model of your own) is never replaced. The model is a real
 `transformers.Phi3ForCausalLM` with Phi-3's special tokens and chat template, and is loaded back with
 `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`, exactly as
 `microsoft/Phi-3.5-mini-instruct` is in the Azure job. The tokenizer is a byte-level BPE trained on the
@@ -22,6 +23,7 @@ from pathlib import Path
 import config
 
 BUILD_VERSION = 1  # bump when the recipe below changes, so existing builds are redone
+DEFAULT_VARIANT = "phi-3.5-mini"
 STAMP_FILE = "tiny_phi3_build.json"
 
 # Phi-3's special tokens, in Phi-3's own spelling. <|end|> closes every turn; <|endoftext|> ends the text.
@@ -42,6 +44,32 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
+# Phi-4-mini-instruct's chat template (no newlines; its tool-calling branch left out), as the tokenizer ships it.
+PHI4_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# Tiny stand-ins of the base models the README names, each with its architecture's traits at the tiny size
+# (tests/test_base_models.py runs each through fine-tune -> MLflow model -> score.py):
+#   phi-3.5-mini           the demo's model (Phi-3.5-mini's template and untied head; no long-context scaling)
+#   phi-3.5-mini-longrope  plus Phi-3.5-mini's LongRoPE scaling (128k context from a 4k original; here 4x)
+#   phi-3-mini-4k          Phi-3-mini-4k-instruct: a 4k context and a sliding window of 2047 tokens
+#   phi-4-mini             Phi-4-mini-instruct: partial rotary (0.75 of each head), tied input/output embeddings,
+#                          grouped-query attention, its own template (its 200,064-token vocabulary is represented
+#                          by the same small BPE: the vocabulary's size changes no code path)
+VARIANTS = {
+    "phi-3.5-mini": {"config": {}, "template": CHAT_TEMPLATE},
+    "phi-3.5-mini-longrope": {"config": {"max_position_embeddings": 4 * 2048, "original_max_position_embeddings": 2048,
+                                         "rope_scaling": "longrope"}, "template": CHAT_TEMPLATE},
+    "phi-3-mini-4k": {"config": {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+                                 "sliding_window": 2047}, "template": CHAT_TEMPLATE},
+    # 2 heads of 64 (Phi-4-mini: 24 of 128) sharing 1 key/value head: ONNX Runtime's attention kernel needs half
+    # the rotary width (64 x 0.75 / 2 = 24; Phi-4-mini: 48) to be a multiple of 8.
+    "phi-4-mini": {"config": {"partial_rotary_factor": 0.75, "tie_word_embeddings": True, "num_attention_heads": 2,
+                              "num_key_value_heads": 1}, "template": PHI4_CHAT_TEMPLATE},
+}
+
 # Phi-3.5-mini is hidden 3072 x 32 layers x 32 heads, vocab 32064. This keeps the shape, not the size:
 # big enough to memorize the 264 training chats in seconds on a CPU, small enough to build instantly.
 MODEL_SIZE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
@@ -56,8 +84,8 @@ def corpus_lines(sample_path):
             yield message["content"]
 
 
-def build_tokenizer(sample_path):
-    """Train a byte-level BPE on the sample and wrap it as a transformers fast tokenizer."""
+def build_tokenizer(sample_path, variant=DEFAULT_VARIANT):
+    """Train a byte-level BPE on the sample and wrap it as a transformers fast tokenizer (the variant's template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -78,28 +106,32 @@ def build_tokenizer(sample_path):
         unk_token="<unk>",
         pad_token="<|endoftext|>",  # as Phi-3.5-mini-instruct ships it; see fine_tune.py on pad vs unk
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-        chat_template=CHAT_TEMPLATE,
+        chat_template=VARIANTS[variant]["template"],
         model_max_length=MAX_POSITIONS,
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
 
 
-def build_model(tokenizer):
-    """A randomly initialised Phi3ForCausalLM sized by MODEL_SIZE, stopping generation at <|end|>."""
+def build_model(tokenizer, variant=DEFAULT_VARIANT):
+    """A randomly initialised Phi3ForCausalLM sized by MODEL_SIZE with the variant's traits, stopping at <|end|>."""
     import torch
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
     end_id, eos_id = tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"])
+    traits = dict(VARIANTS[variant]["config"])
+    if traits.pop("rope_scaling", None) == "longrope":  # Phi-3.5-mini's: one factor per rotary frequency
+        frequencies = MODEL_SIZE["hidden_size"] // MODEL_SIZE["num_attention_heads"] // 2
+        traits["rope_scaling"] = {"rope_type": "longrope", "short_factor": [1.0] * frequencies,
+                                  "long_factor": [1.0 + i / frequencies for i in range(frequencies)]}
+    settings = {"max_position_embeddings": MAX_POSITIONS, "original_max_position_embeddings": MAX_POSITIONS,
+                "tie_word_embeddings": False, **MODEL_SIZE, **traits}  # Phi-3 has a separate output layer; Phi-4 not
     model_config = Phi3Config(
         vocab_size=len(tokenizer),
-        max_position_embeddings=MAX_POSITIONS,
-        original_max_position_embeddings=MAX_POSITIONS,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,  # Phi-3 has a separate output layer
-        **MODEL_SIZE,
+        **settings,
     )
     torch.manual_seed(0)
     model = Phi3ForCausalLM(model_config)
@@ -111,10 +143,11 @@ def build_model(tokenizer):
     return model
 
 
-def source_digest(sample_path):
-    """What a build depends on: the recipe version and the sample's bytes."""
+def source_digest(sample_path, variant=DEFAULT_VARIANT):
+    """What a build depends on: the recipe version, the variant and the sample's bytes."""
     digest = hashlib.sha256(Path(sample_path).read_bytes()).hexdigest()
-    return {"build_version": BUILD_VERSION, "sample_sha256": digest}
+    stamp = {"build_version": BUILD_VERSION, "sample_sha256": digest}
+    return stamp if variant == DEFAULT_VARIANT else {**stamp, "variant": variant}
 
 
 def holds_other_model(folder):
@@ -123,23 +156,23 @@ def holds_other_model(folder):
     return folder.is_dir() and any(folder.iterdir()) and not (folder / STAMP_FILE).is_file()
 
 
-def is_current(output_dir, sample_path):
-    """True when `output_dir` holds a finished build from the same recipe and sample."""
+def is_current(output_dir, sample_path, variant=DEFAULT_VARIANT):
+    """True when `output_dir` holds a finished build from the same recipe, variant and sample."""
     stamp = Path(output_dir) / STAMP_FILE
-    return stamp.is_file() and json.loads(stamp.read_text()) == source_digest(sample_path)
+    return stamp.is_file() and json.loads(stamp.read_text()) == source_digest(sample_path, variant)
 
 
-def build_tiny_phi3(output_dir, sample_path):
+def build_tiny_phi3(output_dir, sample_path, variant=DEFAULT_VARIANT):
     """Build tokenizer and model and save both into `output_dir` (atomically: a folder rename)."""
     output_dir = Path(output_dir)
-    tokenizer = build_tokenizer(sample_path)
-    model = build_model(tokenizer)
+    tokenizer = build_tokenizer(sample_path, variant)
+    model = build_model(tokenizer, variant)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / STAMP_FILE).write_text(json.dumps(source_digest(sample_path)))
+        (staging / STAMP_FILE).write_text(json.dumps(source_digest(sample_path, variant)))
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
@@ -149,17 +182,18 @@ def build_tiny_phi3(output_dir, sample_path):
     return model.num_parameters()
 
 
-def ensure_tiny_phi3(output_dir=None, sample_path=None, force=False):
-    """Return the local base model's folder, building it first when missing or out of date."""
-    output_dir = Path(output_dir or config.LOCAL_BASE_MODEL_DIR)
+def ensure_tiny_phi3(output_dir=None, sample_path=None, force=False, variant=DEFAULT_VARIANT):
+    """Return the tiny model's folder, building it (the variant's stand-in) first when missing or out of date."""
+    output_dir = Path(output_dir or config.TINY_MODEL_DIR)
     sample_path = Path(sample_path or config.SAMPLE_DATASET_PATH)
     if holds_other_model(output_dir):
         raise FileExistsError(f"{config.shown(output_dir)} holds files this module did not build: "
-                              "not replacing them (set LOCAL_BASE_MODEL_DIR to another folder)")
-    if force or not is_current(output_dir, sample_path):
+                              "not replacing them (set TINY_MODEL_DIR to another folder, or LOCAL_BASE_MODEL to train yours)")
+    if force or not is_current(output_dir, sample_path, variant):
         started = time.perf_counter()
-        parameters = build_tiny_phi3(output_dir, sample_path)
-        print(f"Built the tiny Phi-3 base model ({parameters / 1e6:.2f}M parameters) in "
+        parameters = build_tiny_phi3(output_dir, sample_path, variant)
+        what = "the tiny Phi-3 base model" if variant == DEFAULT_VARIANT else f"a tiny {variant} stand-in"
+        print(f"Built {what} ({parameters / 1e6:.2f}M parameters) in "
               f"{config.shown(output_dir)} ({time.perf_counter() - started:.1f} s)")
     return output_dir
 
@@ -167,10 +201,12 @@ def ensure_tiny_phi3(output_dir=None, sample_path=None, force=False):
 def main(argv=None):
     """Build the local base model."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", type=Path, default=config.LOCAL_BASE_MODEL_DIR, help="default: %(default)s")
+    parser.add_argument("--output-dir", type=Path, default=config.TINY_MODEL_DIR, help="default: %(default)s")
     parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
+    parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS),
+                        help="which base model's architecture the tiny model stands in for")
     args = parser.parse_args(argv)
-    path = ensure_tiny_phi3(args.output_dir, force=args.force)
+    path = ensure_tiny_phi3(args.output_dir, force=args.force, variant=args.variant)
     print(f"Base model ready: {config.shown(path)}")
     return 0
 

@@ -152,7 +152,7 @@ def test_setup_ml_with_two_processes_per_node_runs_torchrun_and_writes_exactly_o
 
 
 def test_local_dry_run_builds_and_writes_nothing(tmp_path):
-    env = {"LOCAL_BASE_MODEL_DIR": str(tmp_path / "models" / "tiny-phi3"), "JOBS_DIR": str(tmp_path / "jobs"),
+    env = {"TINY_MODEL_DIR": str(tmp_path / "models" / "tiny-phi3"), "JOBS_DIR": str(tmp_path / "jobs"),
            "LAST_JOB_FILE": str(tmp_path / "last_job.json")}
     result = run_script("setup_ml.py", "--dry-run", "--job-name", "dry", env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -164,7 +164,7 @@ def test_a_base_model_of_your_own_is_used_as_it_is(tmp_path):
     own = tmp_path / "my-phi"
     own.mkdir()
     (own / "config.json").write_text('{"model_type": "phi3"}')
-    result = run_script("setup_ml.py", "--dry-run", "--job-name", "own", env={"LOCAL_BASE_MODEL_DIR": str(own)},
+    result = run_script("setup_ml.py", "--dry-run", "--job-name", "own", env={"LOCAL_BASE_MODEL": str(own)},
                         timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"--model-name {own}" in result.stdout

@@ -7,7 +7,8 @@ import pytest
 from conftest import PROJECT_DIR, run_script
 
 SCRIPTS = ["config.py", "download_dataset.py", "stand_ins/tiny_model.py", "setup_ml.py", "deploy_model.py", "cleanup.py",
-           "stand_ins/endpoint_server.py", "integrate_with_promptflow.py", "evaluate_flow.py", "finetuning_dir/fine_tune.py"]
+           "stand_ins/endpoint_server.py", "integrate_with_promptflow.py", "evaluate_flow.py", "finetuning_dir/fine_tune.py",
+           "finetuning_dir/onnx_export.py", "finetuning_dir/memory_estimate.py"]
 STEPS = ["download_dataset.py", "setup_ml.py", "deploy_model.py", "integrate_with_promptflow.py", "evaluate_flow.py",
          "cleanup.py"]
 TUTORIAL_FUNCTIONS = {  # ../shared/TUTORIAL.md: each step script opens with these, in this order
