@@ -22,7 +22,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: venv pf-config demo test chat studio eval bench clean
+.PHONY: venv venv-gpu pf-config demo test chat studio eval bench clean
 
 venv: $(STAMP) pf-config
 
@@ -30,6 +30,11 @@ $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
 	touch $(STAMP)
+
+# Your own NVIDIA GPU (README: "Your own GPU"): the same .venv with CUDA torch and bitsandbytes (QLoRA).
+venv-gpu: $(STAMP) pf-config
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-gpu.txt -c constraints.txt
+	$(PY) -c "import torch; print('CUDA', torch.version.cuda, 'GPU:', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 
 # Checked on every target (not only at install), so a removed .pf/ never turns telemetry back on.
 pf-config:
@@ -58,11 +63,13 @@ studio: venv
 eval: venv
 	$(PY) evaluate_flow.py --compare-base
 
-# The CPU benchmarks of docs/benchmarks.md (a few minutes; the endpoint benchmark serves the model of the
-# last `make demo`). On a GPU machine: python bench/train_throughput.py --size mini --profiles tutorial,tuned,lora
+# The CPU benchmarks of docs/benchmarks.md (~20 minutes; the endpoint benchmark serves the model of the
+# last `make demo` with both runtimes). On a GPU machine (after make venv-gpu):
+#   python bench/train_throughput.py --size mini --profiles tutorial,lora,qlora --serving
 bench: venv
 	$(PY) bench/train_throughput.py --size tiny
-	$(PY) bench/endpoint_load.py
+	$(PY) bench/endpoint_load.py --runtimes transformers,onnxruntime-genai
+	$(PY) bench/decode_runtimes.py
 	$(PY) bench/pipeline.py
 
 clean: venv

@@ -174,33 +174,54 @@ def extrapolate(values_by_layers, layers=FULL_LAYERS):
     return v1 + slope * (layers - l1)
 
 
+def onnx_row(folder, export, precision, options, new_tokens, repeats):
+    """Build one ONNX export of the slice and time it (run in a child process: the builder's memory goes with it)."""
+    if not export.exists():
+        with contextlib.redirect_stdout(io.StringIO()):
+            onnx_export.build(folder, export, precision, options, export.parent / "cache")
+    per_token, prefill = time_onnx(export, new_tokens, repeats)
+    weights = weight_bytes_per_token("onnx", export, precision)
+    shutil.rmtree(export)
+    return per_token, prefill, weights
+
+
 def measure(args, work):
     """Every runtime on both slices; returns {name: {layers: figures}}."""
+    import gc
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     import torch
 
     results = {name: {} for name in args.runtimes}
     for layers in args.layers:
         folder = work / f"slice-{layers}"
-        model = build_slice(layers, folder)
+        model, typed = build_slice(layers, folder), None
+        for name in args.runtimes:  # transformers first, while the model is in memory
+            runtime, precision, options = RUNTIMES[name]
+            if runtime != "transformers":
+                continue
+            started = time.perf_counter()
+            typed = model.to(getattr(torch, precision)).eval()
+            per_token, prefill = time_transformers(typed, args.new_tokens, args.repeats)
+            results[name][layers] = {"seconds_per_token": per_token, "prefill_seconds": prefill,
+                                     "weight_bytes": weight_bytes_per_token(runtime, typed, precision)}
+            print(f"  {layers} layers  {name:<58} {1 / per_token:7.2f} tokens/s  ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+        del model, typed
+        gc.collect()
         for name in args.runtimes:
             runtime, precision, options = RUNTIMES[name]
-            started = time.perf_counter()
             if runtime == "transformers":
-                typed = model.to(getattr(torch, precision)).eval()
-                per_token, prefill = time_transformers(typed, args.new_tokens, args.repeats)
-                weights = weight_bytes_per_token(runtime, typed, precision)
-            else:
-                export = work / f"{layers}-{precision}-{'-'.join(options) or 'defaults'}"
-                if not export.exists():
-                    with contextlib.redirect_stdout(io.StringIO()):
-                        onnx_export.build(folder, export, precision, options, work / "cache")
-                per_token, prefill = time_onnx(export, args.new_tokens, args.repeats)
-                weights = weight_bytes_per_token(runtime, export, precision)
-                shutil.rmtree(export)
+                continue
+            started = time.perf_counter()
+            export = work / f"{layers}-{precision}-{'-'.join(options) or 'defaults'}"
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as child:
+                per_token, prefill, weights = child.submit(onnx_row, folder, export, precision, options,
+                                                           args.new_tokens, args.repeats).result()
             results[name][layers] = {"seconds_per_token": per_token, "prefill_seconds": prefill, "weight_bytes": weights}
             print(f"  {layers} layers  {name:<58} {1 / per_token:7.2f} tokens/s  ({time.perf_counter() - started:.0f} s)",
                   flush=True)
-        del model
         shutil.rmtree(folder)
     return results
 

@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py --size tiny                                   # the local tiny Phi-3, CPU, ~1.5 min
     python bench/train_throughput.py --size mini --profiles tutorial,tuned,lora    # Phi-3-mini shape, one GPU, ~3 min
+    python bench/train_throughput.py --size mini --profiles tutorial,lora,qlora --serving   # your own GPU (make venv-gpu)
 
 Prints the machine, the FLOP/s peak the MFU is measured against, one row per profile (tokens/s, step time, peak
 memory, MFU, the settings used) and the ratio tuned / tutorial measured in the same run; --json FILE also writes
@@ -25,6 +26,7 @@ Profiles (each a fine_tune.py command line, printed in the table):
                 no gradient checkpointing at the largest micro-batch that fits (4, 2x2 or 1x4 accumulation)
     lora        the tutorial's settings plus --lora-r 16 on all linear layers (what the README suggests for
                 GPUs under 80 GB)
+    qlora       the lora profile with the base in 4-bit NF4 (fine_tune.py --method qlora; CUDA + bitsandbytes only)
     lora-tuned  the tuned settings plus --lora-r 16;  attention-only: the tutorial's with tuned's attention kernel
                 (checkpointing kept), to split tuned's gain into its two parts
 Fused AdamW is transformers' default optimizer with torch >= 2.8, so every profile already uses it.
@@ -67,7 +69,7 @@ SEQUENCES_PER_STEP = 4  # the tutorial's batch 4 without accumulation: every pro
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), matched against torch.cuda.get_device_name().
 GPU_PEAKS_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),
                     ("A100", 312), ("L40S", 362))
-PROFILES = ("tutorial", "tuned", "lora", "lora-tuned", "attention-only")
+PROFILES = ("tutorial", "tuned", "lora", "qlora", "lora-tuned", "attention-only")
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
@@ -88,6 +90,8 @@ def parse_args(argv=None):
                         help="measure the profiles this many times, interleaved, and keep each one's fastest "
                              "(default: tiny 2, against a busy shared CPU; mini 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--serving", action="store_true",
+                        help="also measure decoding tokens/s as score.py serves on this device (bf16 on a GPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     args.max_length = args.max_length or DEFAULT_LENGTH[args.size]
@@ -228,11 +232,22 @@ def make_tokenizer():
 
 
 def random_model_loader(model_config, device):
-    """A stand-in for AutoModelForCausalLM.from_pretrained: random weights, built on `device`, same kwargs."""
+    """A stand-in for AutoModelForCausalLM.from_pretrained: random weights, built on `device`, same kwargs. With a
+    quantization_config (qlora) the random weights are saved once and loaded back through the real loader, so
+    bitsandbytes quantizes them as it would a downloaded model."""
     import torch
-    from transformers import Phi3ForCausalLM
+    from transformers import AutoModelForCausalLM, Phi3ForCausalLM
+
+    real_from_pretrained = AutoModelForCausalLM.from_pretrained
 
     def from_pretrained(name, dtype=torch.float32, attn_implementation="eager", use_cache=False, **kwargs):
+        if kwargs.get("quantization_config") is not None:
+            folder = Path(tempfile.gettempdir()) / f"bench-random-phi3-{model_config.num_hidden_layers}"
+            if not (folder / "config.json").is_file():
+                torch.manual_seed(0)
+                Phi3ForCausalLM._from_config(model_config, dtype=torch.bfloat16).save_pretrained(folder)
+            return real_from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
+                                        use_cache=use_cache, device_map={"": device}, **kwargs)
         torch.manual_seed(0)
         with torch.device(device):
             model = Phi3ForCausalLM._from_config(model_config, dtype=dtype, attn_implementation=attn_implementation)
@@ -276,7 +291,8 @@ def profile_candidates(name, kind):
                   attention + ["--batch-size", "1", "--grad-accum", "4", "--no-gradient-checkpointing"],
                   attention + ["--batch-size", "4", "--grad-accum", "1", "--gradient-checkpointing"]]
     sdpa_only = ["--attn-implementation", fast_attention(kind), "--batch-size", "4", "--grad-accum", "1", "--gradient-checkpointing"]
-    return {"tutorial": [tutorial], "tuned": tuned, "lora": [tutorial + lora], "attention-only": [sdpa_only],
+    return {"tutorial": [tutorial], "tuned": tuned, "lora": [tutorial + lora],
+            "qlora": [tutorial + lora + ["--method", "qlora"]], "attention-only": [sdpa_only],
             "lora-tuned": [options + lora for options in tuned]}[name]
 
 
@@ -376,9 +392,23 @@ def is_out_of_memory(error):
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def estimate_gib(options, setup):
+    """finetuning_dir/memory_estimate.py's total for the profile's method, length and batch (GiB)."""
+    import memory_estimate
+
+    method = "qlora" if "qlora" in options else "lora" if "--lora-r" in options else "full"
+    batch = int(options[options.index("--batch-size") + 1]) if "--batch-size" in options else 4
+    bf16 = setup["device"]["kind"] == "cuda" and setup["device"]["bf16"]
+    parts = memory_estimate.estimate(setup["config"], method, setup["max_length"], batch, bf16,
+                                     gradient_checkpointing="--no-gradient-checkpointing" not in options)
+    return parts["total"] / memory_estimate.GIB
+
+
 def run_profile(name, setup, max_steps, warmup):
     """Measure one profile: the first candidate that fits; returns its table row."""
     notes = []
+    if name == "qlora" and setup["device"]["kind"] != "cuda":
+        return {"profile": name, "options": "", "tokens_per_s": None, "notes": ["needs a CUDA GPU (bitsandbytes)"]}
     for options in profile_candidates(name, setup["device"]["kind"]):
         raw = None
         try:
@@ -406,7 +436,8 @@ def run_profile(name, setup, max_steps, warmup):
                 "peak_memory_gib": raw["peak_memory_gib"], "flops_per_token": raw["flops_per_token"],
                 "params_n": raw["n"], "params_lora": raw["n_lora"], "achieved_tflops": achieved / 1e12,
                 "mfu": achieved / peak if peak else None, "optim": raw["optim"], "dtype": raw["dtype"],
-                "packing_strategy": raw["packing_strategy"], "notes": notes}
+                "packing_strategy": raw["packing_strategy"], "estimate_gib": estimate_gib(options, setup),
+                "notes": notes}
     return {"profile": name, "options": "", "tokens_per_s": None, "notes": notes + ["no candidate fitted in memory"]}
 
 
@@ -440,9 +471,38 @@ def print_table(rows, kind):
         if row["tokens_per_s"] is not None:
             print(f"    FLOPs/token {row['flops_per_token'] / 1e6:,.1f} M (N = {row['params_n'] / 1e6:,.2f} M"
                   + (f", N_lora = {row['params_lora'] / 1e6:,.2f} M" if row["params_lora"] else "") + ")")
+            print(f"    memory: peak {row['peak_memory_gib']:.2f} GiB; finetuning_dir/memory_estimate.py's estimate "
+                  f"{row['estimate_gib']:.2f} GiB (what fine_tune.py --method auto decides with)")
     speeds = {row["profile"]: row["tokens_per_s"] for row in rows}
     if speeds.get("tutorial") and speeds.get("tuned"):
         print(f"\ntuned / tutorial = {speeds['tuned'] / speeds['tutorial']:.2f}x (same run, same machine)")
+
+
+def measure_serving(setup, new_tokens=128, prompt_tokens=64, repeats=3):
+    """Decoding tokens/s of transformers' generate() at batch 1 in bf16 (fp16 without bf16; fp32 on a CPU), as score.py
+    serves on a GPU: random weights, a random prompt, every token generated (no early stop); the best of `repeats`."""
+    import torch
+    from transformers import Phi3ForCausalLM
+
+    kind = setup["device"]["kind"]
+    dtype = (torch.bfloat16 if setup["device"]["bf16"] else torch.float16) if kind == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(setup["torch_device"]):
+        model = Phi3ForCausalLM._from_config(setup["config"], dtype=dtype, attn_implementation="sdpa").eval()
+    ids = torch.randint(len(SPECIAL_TOKENS), setup["config"].vocab_size, (1, prompt_tokens), device=setup["torch_device"])
+    synchronize = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+    best = float("inf")
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)  # warm-up
+        for _ in range(repeats):
+            synchronize()
+            started = time.perf_counter()
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            synchronize()
+            best = min(best, time.perf_counter() - started)
+    del model
+    free_memory(kind)
+    return {"dtype": str(dtype), "new_tokens": new_tokens, "prompt_tokens": prompt_tokens, "tokens_per_s": new_tokens / best}
 
 
 def main(argv=None):
@@ -478,11 +538,16 @@ def main(argv=None):
                 best[name] = row
     rows = [best[name] for name in args.profiles]
     print_table(rows, device["kind"])
+    serving = measure_serving(setup) if args.serving else None
+    if serving:
+        print(f"\nServing (transformers generate(), batch 1, {serving['dtype']}, {serving['prompt_tokens']}-token prompt, "
+              f"{serving['new_tokens']} new tokens): {serving['tokens_per_s']:,.1f} tokens/s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": device, "size": args.size, "shape": shape, "max_length": args.max_length,
                                          "max_steps": args.max_steps, "warmup_steps": args.warmup_steps, "repeats": args.repeats,
-                                         "torch_cuda": torch.version.cuda, "rows": rows}, indent=2) + "\n")
+                                         "torch_cuda": torch.version.cuda, "rows": rows, "serving": serving},
+                                        indent=2) + "\n")
         print(f"Wrote {args.json}")
     return 0
 
