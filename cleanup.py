@@ -13,8 +13,9 @@ import argparse
 import sys
 
 import config
-from azure_ml import azure_errors, get_ml_client
-from step_errors import StepError, exit_with
+from helpers.azure_ml import azure_errors, get_ml_client
+from helpers.errors import StepError, exit_code
+import serverless
 
 
 def confirm(question, assume_yes):
@@ -76,33 +77,6 @@ def cleanup_azure(assume_yes, delete_compute):
     return 0
 
 
-def delete_serverless_endpoint(ml_client, endpoint_name, assume_yes):
-    """Delete the serverless endpoint (the fine-tuned model stays registered); returns a line saying what happened."""
-    from azure.core.exceptions import ResourceNotFoundError
-
-    try:
-        endpoint = ml_client.serverless_endpoints.get(endpoint_name)
-    except ResourceNotFoundError:
-        return f"serverless endpoint {endpoint_name}: not found (already deleted)"
-    if not confirm(f"Delete serverless endpoint {endpoint_name} (serving {endpoint.model_id}) and its URL and keys?",
-                   assume_yes):
-        return f"serverless endpoint {endpoint_name}: kept (a fine-tuned model's deployment is billed per hour)"
-    print(f"Deleting serverless endpoint {endpoint_name} ...")
-    ml_client.serverless_endpoints.begin_delete(endpoint_name).result()
-    return f"serverless endpoint {endpoint_name}: deleted; the fine-tuned model stays registered (redeploy any time)"
-
-
-def cleanup_serverless(assume_yes):
-    """Delete the serverless endpoint and say what is still billed."""
-    config.require(*config.SERVERLESS_DEPLOY_SETTINGS)
-    ml_client = get_ml_client()
-    with azure_errors():
-        print(f"  - {delete_serverless_endpoint(ml_client, config.SERVERLESS_ENDPOINT_NAME, assume_yes)}")
-    print(f"Still in your subscription: project {config.AZURE_ML_WORKSPACE_NAME} with its hub's storage (small monthly "
-          f"fees). Remove everything: az group delete --name {config.AZURE_RESOURCE_GROUP_NAME}")
-    return 0
-
-
 def cleanup_local():
     """Stop the local endpoint's slots (stand_ins/deployment.py); say what was stopped and what was noticed."""
     from stand_ins.deployment import stop_local_endpoints
@@ -129,10 +103,10 @@ def main(argv=None):
         if config.TARGET == "azure":
             return cleanup_azure(args.yes, args.compute)
         if config.TARGET == "serverless":
-            return cleanup_serverless(args.yes)
+            return serverless.cleanup(lambda question: confirm(question, args.yes))
         return cleanup_local()
-    except (StepError, config.MissingSettingsError) as error:
-        return exit_with(error)
+    except StepError as error:  # config.MissingSettingsError included
+        return exit_code(error)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from helpers.errors import StepError
+
 PROJECT_DIR = Path(__file__).resolve().parent
 # Tests and side-by-side setups point this elsewhere; deploy_model.py writes the endpoint's URL and key here.
 ENV_FILE = Path(os.environ.get("FINETUNE_PHI_ENV_FILE", PROJECT_DIR / ".env"))
@@ -243,7 +245,7 @@ AZURE_DEPLOY_SETTINGS = AZURE_WORKSPACE_SETTINGS + (
 SECRET_SETTINGS = ("AZURE_ML_API_KEY",)
 
 
-class MissingSettingsError(RuntimeError):
+class MissingSettingsError(StepError):
     """Raised before any network call when a step's settings are missing or still placeholders."""
 
 

@@ -3,7 +3,7 @@
     python deploy_model.py                          # local: MLflow registry + an endpoint on 127.0.0.1:5001
     TARGET=azure python deploy_model.py             # Azure ML managed online endpoint on Standard_E4s_v3
     TARGET=azure python deploy_model.py --dry-run   # builds and validates model, endpoint, deployment; no network
-    TARGET=serverless python deploy_model.py        # a serverless endpoint for the model step 2 fine-tuned (serverless.py)
+    TARGET=serverless python deploy_model.py        # a serverless endpoint for the model step 2 fine-tuned (serverless/)
 
 The job comes from outputs/last_job.json (written by setup_ml.py) or --job-name. Both targets deploy
 blue/green: the new deployment is started next to the one serving, sent a smoke request, and only then
@@ -18,25 +18,24 @@ outputs/endpoint/; --foreground keeps it in this terminal); `python cleanup.py` 
 import argparse
 import copy
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 import config
-from azure_ml import (SLOTS, azure_errors, check_deploy_names as check_names, check_existing_endpoint, delete_if_failed,
-                      get_ml_client, inference_environment, next_slot, print_deployment_log_tail, print_validated,
-                      retire_previous, wait_with_progress)
-from job_record import find_job, read_last_job
+from helpers.azure_ml import (azure_errors, check_name, get_ml_client, print_deployment_log_tail, print_validated,
+                              state_name, wait_with_progress)
+from helpers.endpoint import publish, smoke_answer, smoke_request
+from helpers.errors import StepError, exit_code
+from helpers.job_record import find_job, read_last_job
+from scoring_dir.contract import SLOTS, SMOKE_QUESTION
 import serverless
-from safe_write import update_env_file
-from step_errors import StepError, exit_with
 
 SCORING_DIR = config.PROJECT_DIR / "scoring_dir"
-SMOKE_QUESTION = "Who founded Microsoft?"
-SMOKE_REQUEST = {"input_data": [SMOKE_QUESTION], "params": {"max_new_tokens": 64, "do_sample": False}}
 
 
-# --- The tutorial's functions (get_ml_client comes from azure_ml.py: steps 2, 3 and cleanup share it) -----
+# --- The tutorial's functions (get_ml_client comes from helpers/azure_ml.py: steps 2, 3 and cleanup share it) -----
 def register_model(ml_client, model_name, job_name):
     """Register the job's output as a new version of `model_name`."""
     model = ml_client.models.create_or_update(build_model(model_name, job_name))
@@ -81,7 +80,7 @@ def deploy_azure(job_name, keep_previous=False):
     from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
     config.require(*config.AZURE_DEPLOY_SETTINGS)
-    check_names()
+    check_deploy_names()
     ml_client = get_ml_client()
     endpoint_name = config.AZURE_ENDPOINT_NAME
     with azure_errors():
@@ -109,9 +108,8 @@ def deploy_azure(job_name, keep_previous=False):
         # The tutorial copies these from the studio's Consume tab by hand.
         scoring_uri = ml_client.online_endpoints.get(endpoint_name).scoring_uri
         key = ml_client.online_endpoints.get_keys(endpoint_name).primary_key
-        update_env_file(config.ENV_FILE, {"AZURE_ML_ENDPOINT": scoring_uri, "AZURE_ML_API_KEY": key})
         print(f"Endpoint {endpoint_name} serves {deployment_name}: {scoring_uri}")
-        print(f"Wrote AZURE_ML_ENDPOINT and AZURE_ML_API_KEY to {config.shown(config.ENV_FILE)} (readable by you only).")
+        publish(scoring_uri, key)
         retire_previous(ml_client, endpoint, deployment_name, keep_previous)
     print("Delete the endpoint when you are done, to stop the charges: python cleanup.py")
     return 0
@@ -183,20 +181,94 @@ def build_deployment(endpoint_name, deployment_name, model):
 
 # --- The smoke request (not in the tutorial: a bad model never gets the traffic) ---------------------------
 def smoke_test_azure(ml_client, endpoint_name, deployment_name):
-    """Ask the new deployment directly (not through the traffic split); return its answer."""
+    """Ask the new deployment directly (not through the traffic split) the smoke question; return its answer."""
     with tempfile.TemporaryDirectory() as folder:
         request = Path(folder) / "request.json"
-        request.write_text(json.dumps(SMOKE_REQUEST))
+        request.write_text(json.dumps(smoke_request()))
         raw = ml_client.online_endpoints.invoke(endpoint_name=endpoint_name, deployment_name=deployment_name,
                                                 request_file=str(request))
-    return check_smoke_answer(json.loads(raw) if isinstance(raw, (str, bytes)) else raw)
+    return smoke_answer(json.loads(raw) if isinstance(raw, (str, bytes)) else raw)
 
 
-def check_smoke_answer(answer):
-    """The contract's answer: a list with one string per input."""
-    if not (isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], str)):
-        raise StepError(f"The smoke request got an answer outside the contract: {str(answer)[:300]}")
-    return answer[0]
+# --- Blue/green housekeeping (not in the tutorial: a deployment replaces another without downtime) ---------
+def next_slot(endpoint):
+    """The blue/green slot for the new deployment: the one not carrying the traffic (blue for a new endpoint)."""
+    for name, share in (endpoint.traffic or {}).items():
+        if share and name.endswith(tuple(f"-{slot}" for slot in SLOTS)):
+            return SLOTS[1 - SLOTS.index(name.rsplit("-", 1)[1])]
+    return SLOTS[0]
+
+
+def check_existing_endpoint(endpoint):
+    """StepError for an endpoint that cannot take a deployment now, or whose keys the flow cannot use."""
+    state = state_name(endpoint.provisioning_state) or "Succeeded"
+    if state.lower() == "failed":
+        raise StepError(f"Endpoint {endpoint.name} is in state Failed: delete it (`python cleanup.py`) and deploy again.")
+    if state.lower() != "succeeded":
+        raise StepError(f"Endpoint {endpoint.name} is still {state}: wait for it, then deploy again.")
+    if endpoint.auth_mode != "key":
+        raise StepError(f"Endpoint {endpoint.name} uses auth_mode {endpoint.auth_mode}, and the flow sends a key: choose "
+                        "another AZURE_ENDPOINT_NAME, or delete this endpoint (`python cleanup.py`).")
+
+
+def delete_if_failed(ml_client, endpoint, deployment_name):
+    """Delete a deployment whose provisioning failed and that has no traffic: Azure cannot update it, only re-create."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        existing = ml_client.online_deployments.get(name=deployment_name, endpoint_name=endpoint.name)
+    except ResourceNotFoundError:
+        return
+    if (state_name(existing.provisioning_state) or "").lower() == "failed" and not (endpoint.traffic or {}).get(deployment_name):
+        print(f"Deployment {deployment_name} failed before and cannot be updated; deleting it to re-create it ...")
+        wait_with_progress(ml_client.online_deployments.begin_delete(name=deployment_name, endpoint_name=endpoint.name),
+                           f"deleting {deployment_name}")
+
+
+def retire_previous(ml_client, endpoint, deployment_name, keep):
+    """Delete the deployments that had the traffic before (each holds quota and is billed), unless `keep`."""
+    for name in [name for name in (endpoint.traffic or {}) if name != deployment_name]:
+        if keep:
+            print(f"The previous deployment {name} still runs at 0% traffic and costs money: roll back with "
+                  f"`az ml online-endpoint update -n {endpoint.name} --traffic \"{name}=100\"`, or delete it with "
+                  f"`az ml online-deployment delete -n {name} -e {endpoint.name}`.")
+            continue
+        wait_with_progress(ml_client.online_deployments.begin_delete(name=name, endpoint_name=endpoint.name),
+                           f"deleting the previous deployment {name}")
+        print(f"Deleted the previous deployment {name} (0% traffic; --keep-previous keeps one for a rollback).")
+
+
+def check_deploy_names():
+    """Azure's naming rules for the endpoint and both blue/green deployments, before anything is sent."""
+    check_name(config.AZURE_ENDPOINT_NAME, "AZURE_ENDPOINT_NAME", 32, "endpoint")
+    for slot in SLOTS:  # "-green" is one character longer than "-blue": both must fit
+        check_name(f"{config.AZURE_DEPLOYMENT_NAME}-{slot}", "AZURE_DEPLOYMENT_NAME", 32, "deployment")
+
+
+# --- The deployment's environment: CPU or GPU by instance type -------------------------------------------------------
+# Azure's GPU VM families are the N series: NC (compute, e.g. Standard_NC4as_T4_v3, Standard_NC24ads_A100_v4),
+# ND (deep learning, e.g. Standard_ND96asr_v4) and NV (visualization); every other family has no GPU.
+GPU_INSTANCE_TYPE = re.compile(r"^Standard_N[CDV]\d", re.IGNORECASE)
+
+
+def deployment_has_gpu(instance_type=None):
+    """True when the deployment's instance type has a GPU (AZURE_DEPLOYMENT_HAS_GPU=true/false overrides the rule)."""
+    override = config.AZURE_DEPLOYMENT_HAS_GPU.strip().lower()
+    if override in ("true", "false"):
+        return override == "true"
+    return bool(GPU_INSTANCE_TYPE.match(instance_type or config.AZURE_DEPLOYMENT_INSTANCE_TYPE))
+
+
+def inference_environment(scoring_dir, instance_type=None):
+    """The deployment's Environment: the CPU image and conda.yml (CPU torch), or on a GPU instance type the CUDA
+    image and conda_gpu.yml (CUDA torch; score.py then loads the model in bf16, or fp16 where the GPU lacks bf16)."""
+    from azure.ai.ml.entities import Environment
+
+    if deployment_has_gpu(instance_type):
+        return Environment(name="phi-3-inference-environment-gpu", image=config.AZURE_GPU_INFERENCE_IMAGE,
+                           conda_file=str(Path(scoring_dir) / "conda_gpu.yml"))
+    return Environment(name="phi-3-inference-environment", image=config.AZURE_INFERENCE_IMAGE,
+                       conda_file=str(Path(scoring_dir) / "conda.yml"))
 
 
 def dry_run_azure(job_name):
@@ -204,7 +276,7 @@ def dry_run_azure(job_name):
     from azure.ai.ml import load_model, load_online_deployment, load_online_endpoint
 
     config.require(*config.AZURE_DEPLOY_SETTINGS)
-    check_names()
+    check_deploy_names()
     model = build_model(config.AZURE_MODEL_NAME, job_name)
     endpoint = build_endpoint(config.AZURE_ENDPOINT_NAME, f"Phi-3 fine-tuned by {job_name}")
     deployment = build_deployment(config.AZURE_ENDPOINT_NAME, f"{config.AZURE_DEPLOYMENT_NAME}-{SLOTS[0]}", model)
@@ -232,14 +304,14 @@ def main(argv=None):
         if config.TARGET == "local":  # MLflow's registry and a local endpoint stand in: stand_ins/deployment.py
             from stand_ins.deployment import deploy_local
 
-            return deploy_local(find_job(args.job_name, "local"), SMOKE_REQUEST, check_smoke_answer, args.foreground)
+            return deploy_local(find_job(args.job_name, "local"), args.foreground)
         if config.TARGET == "serverless":  # Azure AI Foundry's serverless API instead of an online endpoint
             return serverless.deploy(args.job_name, args.dry_run)
         if args.dry_run:
             return dry_run_azure(args.job_name or (read_last_job() or {}).get("name") or "<job-name>")
         return deploy_azure(find_job(args.job_name, "azure")["name"], args.keep_previous)
-    except (StepError, config.MissingSettingsError) as error:
-        return exit_with(error)
+    except StepError as error:  # config.MissingSettingsError included
+        return exit_code(error)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ import sys
 
 import config
 from finetuning_dir.chat_data import conversation_problem
-from safe_write import FileChangedError, write_generated_file
+from helpers.errors import StepError, exit_code
+from helpers.files import FileChangedError, write_generated_file
+import serverless
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -46,24 +48,12 @@ def save_dataset_to_jsonl(dataset, filepath, force=False):
     return write_generated_file(filepath, "".join(lines), force=force)
 
 
-def save_chat_completions_jsonl(dataset, filepath, force=False):
-    """Write the chats as chat-completions JSONL (messages only, each line checked again); returns what happened."""
-    lines = []
-    for index, record in enumerate(dataset):
-        chat = {"messages": [{"role": message["role"], "content": message["content"]} for message in record["messages"]]}
-        problem = conversation_problem(chat)
-        if problem:  # validate_records() passed it, so only a change of the rules could get here
-            raise InvalidRecordsError([(index, problem)])
-        lines.append(json.dumps(chat, ensure_ascii=False) + "\n")
-    return write_generated_file(filepath, "".join(lines), force=force)
-
-
 # --- Loading and checking (the tutorial loads without checking) ----------------------------------
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(StepError):
     """The dataset could not be loaded (no internet, unknown name, missing file)."""
 
 
-class InvalidRecordsError(ValueError):
+class InvalidRecordsError(StepError):
     """Some records break the chat schema; `problems` lists (index, reason)."""
 
     def __init__(self, problems):
@@ -77,7 +67,7 @@ class InvalidRecordsError(ValueError):
         )
 
 
-class TooFewRecordsError(ValueError):
+class TooFewRecordsError(StepError):
     """Too few valid records are left for a train/test split."""
 
 
@@ -144,11 +134,10 @@ def main(argv=None):
             status = save_dataset_to_jsonl(dataset[part], path, force=args.force)
             print(f"{config.shown(path)}: {status}")
         for part, path in (("train", config.CHAT_TRAIN_DATA_PATH), ("test", config.CHAT_TEST_DATA_PATH)):
-            if args.chat_completions:
-                print(f"{config.shown(path)}: {save_chat_completions_jsonl(dataset[part], path, force=args.force)}")
-    except (DatasetUnavailableError, InvalidRecordsError, TooFewRecordsError, FileChangedError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+            if args.chat_completions:  # the serverless road's format (serverless/chat_data.py)
+                print(f"{config.shown(path)}: {serverless.save_chat_completions_jsonl(dataset[part], path, args.force)}")
+    except (StepError, FileChangedError) as error:
+        return exit_code(error)
     return 0
 
 

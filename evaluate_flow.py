@@ -10,7 +10,7 @@
 
 Each test chat's first user turn is asked through flow.dag.yml with `pf.run` (Prompt flow's batch run; latency is
 its duration of each line, the endpoint round trip: lines run one after another, --workers 1). azure-ai-evaluation's
-`evaluate()` scores each answer against the chat's first assistant turn (metrics.py: exact match, F1, ROUGE-L; a
+`evaluate()` scores each answer against the chat's first assistant turn (helpers/metrics.py: exact match, F1, ROUGE-L; a
 line without an answer scores 0). Each endpoint's evaluation is an MLflow run in MLFLOW_TRACKING_URI.
 
 Writes outputs/eval/questions.jsonl; per endpoint outputs/eval/<label>/ rows.jsonl (per question: answer, reference,
@@ -31,7 +31,8 @@ from pathlib import Path
 from unittest import mock
 
 import config
-import metrics
+from helpers import metrics
+from helpers.errors import StepError, exit_code
 
 FLOW_DIR = config.PROJECT_DIR  # flow.dag.yml
 DEFAULT_OUTPUT_DIR = config.PROJECT_DIR / "outputs" / "eval"
@@ -58,7 +59,7 @@ def write_questions(data_path, output_path, limit=None):
     """Map each test chat to {input_data, reference} (its first exchange) in a JSONL file; returns the rows."""
     data_path = Path(data_path)
     if not data_path.is_file():
-        raise SystemExit(f"error: no test data at {config.shown(data_path)}: run `python download_dataset.py` first")
+        raise StepError(f"no test data at {config.shown(data_path)}: run `python download_dataset.py` first")
     rows = []
     for line in data_path.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -68,7 +69,7 @@ def write_questions(data_path, output_path, limit=None):
         if limit and len(rows) >= limit:
             break
     if not rows:
-        raise SystemExit(f"error: {config.shown(data_path)} has no chat with a user turn and its answer")
+        raise StepError(f"{config.shown(data_path)} has no chat with a user turn and its answer")
     write_jsonl(output_path, rows)
     return rows
 
@@ -104,7 +105,7 @@ def batch_run(pf, label, questions_path, questions, endpoint_url, api_key=None, 
                      column_mapping={"input_data": "${data.input_data}"},  # chat_history keeps its default: []
                      display_name=f"evaluate_flow {label}", tags={"label": label, "endpoint": endpoint_url}, stream=False)
     if run.status != "Completed":
-        raise SystemExit(f"error: the batch run {run.name} {run.status}; its log: {run.properties['output_path']}/logs.txt")
+        raise StepError(f"the batch run {run.name} {run.status}; its log: {run.properties['output_path']}/logs.txt")
     return answers_of(run, questions), run.name
 
 
@@ -123,7 +124,7 @@ def score_answers(rows, folder, nltk_metrics=False):
     for row in rows:
         row.update(scored[row["line"]])
         if None in scored[row["line"]].values():
-            raise SystemExit(f"error: evaluate() could not score line {row['line']}: see {config.shown(log_path)}")
+            raise StepError(f"evaluate() could not score line {row['line']}: see {config.shown(log_path)}")
     write_jsonl(data, rows)
     return rows
 
@@ -155,8 +156,6 @@ def base_model_endpoint():
     """Serve the untrained base model (LOCAL_BASE_MODEL) on a free port with a fresh key; yields (url, key)."""
     from stand_ins.endpoint_process import serve_model
     from stand_ins.job_runner import base_model_folder
-    from step_errors import StepError
-
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="base-model-") as folder:
         log_path = Path(folder) / "endpoint.log"
@@ -166,7 +165,7 @@ def base_model_endpoint():
                 yield endpoint.url, endpoint.key
         except StepError as error:
             tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
-            raise SystemExit(f"error: the base model's endpoint did not start: {error}\n{tail}") from None
+            raise StepError(f"the base model's endpoint did not start: {error}\n{tail}") from None
 
 
 # --- Main -----------------------------------------------------------------------------------------
@@ -205,11 +204,16 @@ def parse_args(argv=None):
 def main(argv=None):
     """Evaluate the fine-tuned endpoint (and the base model or another endpoint), print the table, draw the bars."""
     args = parse_args(argv)
-    try:  # a missing setting fails here, before Prompt flow starts
-        endpoint_url, _ = config.fresh("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", hint="`python deploy_model.py` writes them")
-    except config.MissingSettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    try:
+        return evaluate(args)
+    except StepError as error:  # config.MissingSettingsError included
+        return exit_code(error)
+
+
+def evaluate(args):
+    """Ask every target the test questions through the flow, score the answers, write the table and the picture."""
+    # A missing setting fails here, before Prompt flow starts.
+    endpoint_url, _ = config.fresh("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", hint="`python deploy_model.py` writes them")
     from promptflow.client import PFClient
 
     output_dir = args.output_dir.resolve()

@@ -21,7 +21,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import requests
 from promptflow.core import tool  # Prompt flow runs the function marked @tool (this import takes 2-4 s)
@@ -30,6 +29,7 @@ from urllib3.exceptions import MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
 import config
+from scoring_dir.contract import PARAMS, speaks_chat_completions
 
 FLOW_DIR = Path(__file__).resolve().parent  # flow.dag.yml sits next to this file
 ENDPOINT_SETTING = "AZURE_ML_ENDPOINT"
@@ -39,7 +39,7 @@ KEY_SETTING = "AZURE_ML_API_KEY"
 # same answer to the same chat, which is what tests, evaluations and most support bots want; set
 # "do_sample": True for varied answers (then temperature counts: higher is more varied). The tutorial's
 # "return_full_text": True would repeat the question at the top of every reply in the chat window.
-CHAT_PARAMS = {"max_new_tokens": 128, "do_sample": False, "temperature": 0.7, "return_full_text": False}
+CHAT_PARAMS = PARAMS  # the contract's defaults (scoring_dir/contract.py)
 MAX_HISTORY_TURNS = 10  # earlier turns sent with each question: more context, longer (slower) prompts
 
 # HTTP: give up early on a dead address, wait as long as the endpoint itself allows for an answer.
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 def query_azml_endpoint(input_data, endpoint_url, api_key, chat_history=None, params=None):
     """Ask the endpoint to answer `input_data` after `chat_history` (Prompt flow's format); returns the answer."""
-    chat = urlsplit(endpoint_url).path.rstrip("/").endswith("/chat/completions")  # serverless: deploy_model.py
+    chat = speaks_chat_completions(endpoint_url)  # a serverless endpoint (or the local /v1/chat/completions)
     conversation, params = to_conversation(input_data, chat_history), params or CHAT_PARAMS
     body = ({"messages": conversation, "max_tokens": params["max_new_tokens"],  # temperature 0: greedy decoding
              "temperature": params["temperature"] if params["do_sample"] else 0} if chat

@@ -3,7 +3,7 @@
     python setup_ml.py                          # local: trains the tiny Phi-3 on this machine (~30 s)
     TARGET=azure python setup_ml.py             # Azure ML: A100 cluster, command job, log streamed here
     TARGET=azure python setup_ml.py --dry-run   # builds and validates the job, no network call
-    TARGET=serverless python setup_ml.py        # Azure AI Foundry's serverless fine-tuning (serverless.py)
+    TARGET=serverless python setup_ml.py        # Azure AI Foundry's serverless fine-tuning (serverless/)
 
 Azure ML: an Environment built from conda.yml, an AmlCompute cluster and a command job that runs
 finetuning_dir/fine_tune.py with a declared `model_output` output. Locally the same command line runs as a
@@ -18,17 +18,17 @@ from datetime import datetime
 from pathlib import Path
 
 import config
-from azure_ml import (azure_errors, check_name, get_ml_client, print_job_log_tail, print_validated, state_name,
+from helpers.azure_ml import (azure_errors, check_name, get_ml_client, print_job_log_tail, print_validated, state_name,
                       validate_job_bindings)
-from job_record import record_job
+from helpers.job_record import record_job
 import serverless
-from step_errors import StepError, exit_with
+from helpers.errors import StepError, exit_code
 
 FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"
 CONDA_FILE = config.PROJECT_DIR / "conda.yml"
 
 
-# --- The tutorial's functions (get_ml_client comes from azure_ml.py: steps 2, 3 and cleanup share it) -----
+# --- The tutorial's functions (get_ml_client comes from helpers/azure_ml.py: steps 2, 3 and cleanup share it) -----
 def create_or_get_environment(ml_client):
     """Register (or reuse) the training environment: the curated GPU image plus conda.yml."""
     return ml_client.environments.create_or_update(build_environment())
@@ -219,14 +219,14 @@ def main(argv=None):
             model_output = job_runner.job_folder(job_name) / "model_output"
             command = training_command(str(config.TRAIN_DATA_PATH), str(config.TEST_DATA_PATH), str(model_output))
             return job_runner.run_local_job(job_name, command, dry_run=args.dry_run)
-        if config.TARGET == "serverless":  # Azure AI Foundry fine-tunes a catalogue Phi: serverless.py
+        if config.TARGET == "serverless":  # Azure AI Foundry fine-tunes a catalogue Phi: serverless/
             return serverless.finetune(job_name, args.dry_run)
         config.require(*config.AZURE_WORKSPACE_SETTINGS)
         check_name(config.AZURE_COMPUTE_NAME, "AZURE_COMPUTE_NAME", 24, "compute cluster")
         check_data_files()
         return dry_run(job_name) if args.dry_run else run_azure_job(job_name)
-    except (StepError, config.MissingSettingsError) as error:
-        return exit_with(error)
+    except StepError as error:  # config.MissingSettingsError included
+        return exit_code(error)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
 import config  # noqa: E402 - settings only: the project folder must be on the path first
-from job_record import model_output_dir, read_last_job  # noqa: E402
-from metrics import percentile  # noqa: E402 - numpy's, as evaluate_flow.py reports latency
+from helpers.job_record import model_output_dir, read_last_job  # noqa: E402
+from helpers.metrics import percentile  # noqa: E402 - numpy's, as evaluate_flow.py reports latency
 from stand_ins.endpoint_process import serve_model  # noqa: E402 - the one way to serve a model and stop it
 
 HOST = "127.0.0.1"  # loopback only

@@ -39,7 +39,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 
 from stand_ins import endpoint_process  # noqa: E402 - the project folder must be on the path first
 from stand_ins.sandbox import isolated_env  # noqa: E402 - the environment the tests run the steps in, too
-from step_errors import StepError  # noqa: E402
+from helpers.errors import StepError  # noqa: E402
 PYTHON = sys.executable
 TARGET_S = 60  # the target for the whole local pipeline on 2 cores
 

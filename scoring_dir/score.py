@@ -1,7 +1,8 @@
 """The scoring script of the online deployment: Azure ML and stand_ins/endpoint_server.py both call init() and run().
 
-Azure ML uploads this folder alone as the deployment's code, so this file imports nothing from the project
-and reads its limits from environment variables that the deployment (or stand_ins/endpoint_server.py) sets:
+Azure ML uploads this folder alone as the deployment's code, so this file imports nothing from the project but
+its neighbour contract.py, and reads its limits from environment variables that the deployment (or
+stand_ins/endpoint_server.py) sets:
 
     MAX_NEW_TOKENS_LIMIT      the largest max_new_tokens a request may ask for (default 512)
     MAX_INPUTS_PER_REQUEST    the most inputs (questions or conversations) one request may carry (default 4)
@@ -36,21 +37,9 @@ except ImportError:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS_LIMIT = 512  # a CPU instance writes a few tokens a second with Phi-3.5-mini
-# Phi-3.5-mini on a Standard_E4s_v3 (docs/benchmarks.md, section 5): an int4 ONNX export decodes ~5 tokens/s,
-# one input after another, so 4 inputs x 128 new tokens take ~100 s, within Azure's 180 s request timeout;
-# transformers decodes ~1 token/s (a batch of 4 costs ~1.3x one): set MAX_INPUTS_PER_REQUEST=1 for it.
-DEFAULT_MAX_INPUTS_PER_REQUEST = 4
-MAX_JSON_DEPTH = 16  # {"input_data": [[{"role": ..., "content": ...}]]} is 4 levels; deeper is not a request
-ROLES = ("system", "user", "assistant")
-# The params a request may send, with their defaults; check_params() says what each may be.
-PARAMS = {
-    "max_new_tokens": 128,
-    "temperature": 0.7,  # used only with do_sample: higher is more varied, lower more predictable
-    "top_p": 1.0,  # used only with do_sample: 1.0 samples from every token, 0.9 from the likeliest 90%
-    "do_sample": False,  # false: greedy decoding, the same answer every time
-    "return_full_text": False,  # true: the answer starts with the question (the tutorial's client asks for it)
-}
+# The contract's values (paths, params and their defaults, limits) live in contract.py beside this file:
+# Azure ML uploads this folder as the deployment's code and puts it on sys.path, as the local endpoint does.
+from contract import DEFAULT_MAX_INPUTS_PER_REQUEST, DEFAULT_MAX_NEW_TOKENS_LIMIT, MAX_JSON_DEPTH, PARAMS, ROLES  # noqa: E402
 
 SERVING_RUNTIMES = ("auto", "onnxruntime-genai", "transformers")
 ONNX_FOLDER = "onnx"  # fine_tune.py's ONNX Runtime GenAI export, inside the MLflow model (finetuning_dir/onnx_export.py)

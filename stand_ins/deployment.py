@@ -1,6 +1,6 @@
 """The local managed online endpoint: a blue/green deployment of the job's model on two local ports.
 
-    deploy_local(job, smoke_request, check_answer)   # what `python deploy_model.py` does with TARGET=local
+    deploy_local(job)                                 # what `python deploy_model.py` does with TARGET=local
     stop_local_endpoints()                            # what `python cleanup.py` does with TARGET=local
 
 As on Azure, the new deployment starts beside the one serving (blue on LOCAL_ENDPOINT_PORT, green on the next
@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import config
-from job_record import model_output_dir
-from safe_write import atomic_write_text, update_env_file
+from helpers.endpoint import publish, smoke_test
+from helpers.errors import StepError, print_tail
+from helpers.files import atomic_write_text
+from helpers.job_record import model_output_dir
+from scoring_dir.contract import SLOTS, SMOKE_QUESTION
 from stand_ins import endpoint_process
 from stand_ins.model_registry import mark_serving, register_local_model, unmark_serving
-from step_errors import StepError, print_tail
-
-SLOTS = ("blue", "green")
 
 
 def endpoint_dir():
@@ -66,18 +66,7 @@ def abandon(endpoint, slot):
     pid_file(slot).unlink(missing_ok=True)
 
 
-def smoke_test(endpoint, smoke_request, check_answer):
-    """Ask the new endpoint the smoke request, the way the tutorial's client does; returns the answer."""
-    import requests
-
-    response = requests.post(endpoint.url, json=smoke_request, headers={"Authorization": f"Bearer {endpoint.key}"},
-                             timeout=60)
-    if response.status_code != 200:
-        raise StepError(f"The smoke request got HTTP {response.status_code}: {response.text[:300]}")
-    return check_answer(response.json())
-
-
-def deploy_local(job, smoke_request, check_answer, foreground=False):
+def deploy_local(job, foreground=False):
     """Start the new slot beside the live one while registering, smoke-test, switch .env, stop the old slot."""
     model_dir = model_output_dir(job)
     if not (model_dir / "MLmodel").is_file():
@@ -101,7 +90,7 @@ def deploy_local(job, smoke_request, check_answer, foreground=False):
         raise
     try:
         endpoint_process.wait_until_ready(endpoint)
-        answer = smoke_test(endpoint, smoke_request, check_answer)
+        answer = smoke_test(endpoint.url, endpoint.key)
     except KeyboardInterrupt:
         abandon(endpoint, slot)
         raise
@@ -114,8 +103,8 @@ def deploy_local(job, smoke_request, check_answer, foreground=False):
             print(f"The previous endpoint ({live['slot']}, {live['url']}) keeps serving.", file=sys.stderr)
         return 1
     print(f"Ready in {time.monotonic() - started:.1f} s, serving with {endpoint.runtime} (SERVING_RUNTIME="
-          f"{config.SERVING_RUNTIME}). Smoke test: {smoke_request['input_data'][0]!r} -> {answer!r}")
-    update_env_file(config.ENV_FILE, {"AZURE_ML_ENDPOINT": endpoint.url, "AZURE_ML_API_KEY": endpoint.key})
+          f"{config.SERVING_RUNTIME}). Smoke test: {SMOKE_QUESTION!r} -> {answer!r}")
+    publish(endpoint.url, endpoint.key)  # the traffic moves: the flow reads .env
     state = {"slot": slot, "pid": endpoint.pid, "create_time": endpoint.create_time, "url": endpoint.url,
              "log": str(endpoint.log_path), "model_name": config.AZURE_MODEL_NAME, "model_version": version,
              "job_name": job["name"]}
@@ -123,7 +112,6 @@ def deploy_local(job, smoke_request, check_answer, foreground=False):
     mark_serving(config.AZURE_MODEL_NAME, version)  # the studio shows which version serves
     if live:
         stop_previous(live)
-    print(f"Wrote AZURE_ML_ENDPOINT and AZURE_ML_API_KEY to {config.shown(config.ENV_FILE)} (readable by you only).")
     print(f"Local endpoint serves {config.AZURE_MODEL_NAME} v{version} (alias 'serving') at {endpoint.url}; "
           f"log: {config.shown(endpoint.log_path)}; stop it with: python cleanup.py")
     if foreground:

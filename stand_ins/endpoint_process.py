@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import config
-from safe_write import atomic_write_text
-from step_errors import StepError
+from helpers.files import atomic_write_text
+from helpers.errors import StepError
 
 SERVER_MODULE = "stand_ins.endpoint_server"  # run as `python -m stand_ins.endpoint_server`
 KEY_VARIABLE = "LOCAL_ENDPOINT_KEY"  # the key reaches the server in its environment, never its command line

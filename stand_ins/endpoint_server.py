@@ -48,6 +48,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 import config
+from scoring_dir.contract import CHAT_COMPLETIONS_PATH, SCORE_PATH
 from stand_ins import chat_completions
 from stand_ins.endpoint_process import KEY_VARIABLE, RUNTIME_HEADER
 
@@ -55,14 +56,16 @@ SCORING_SCRIPT = config.PROJECT_DIR / "scoring_dir" / "score.py"
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 LOADING_RETRY_AFTER_S = 5  # what a 503 tells the client to wait while the model loads
 SHUTDOWN_GRACE_S = 10  # on SIGTERM, in-flight answers get this long to finish, then they are stopped
-CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
-ROUTES_HELP = f"POST /score, POST {CHAT_COMPLETIONS_PATH}, GET / (liveness), GET /live, GET /ready"
+ROUTES_HELP = f"POST {SCORE_PATH}, POST {CHAT_COMPLETIONS_PATH}, GET / (liveness), GET /live, GET /ready"
 
 logger = logging.getLogger("endpoint_server")
 
 
 def load_scoring_script(path=SCORING_SCRIPT):
-    """Import a scoring script from its file as a module of its own (Azure runs it from the uploaded folder)."""
+    """Import a scoring script from its file as a module of its own, its folder on sys.path as Azure's server puts it
+    (score.py imports contract.py beside it)."""
+    if str(Path(path).parent) not in sys.path:
+        sys.path.append(str(Path(path).parent))
     spec = importlib.util.spec_from_file_location("score", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -281,7 +284,7 @@ def create_app(model_dir, key, max_concurrent=3, max_queue_wait_s=config.MAX_QUE
 
     app = Starlette(
         routes=[
-            Route("/score", endpoint.score, methods=["POST"]),
+            Route(SCORE_PATH, endpoint.score, methods=["POST"]),
             Route(CHAT_COMPLETIONS_PATH, endpoint.chat_completions, methods=["POST"]),
             Route("/", endpoint.liveness, methods=["GET"]),
             Route("/live", endpoint.liveness, methods=["GET"]),

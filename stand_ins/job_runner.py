@@ -17,9 +17,9 @@ from collections import deque
 from pathlib import Path
 
 import config
-from job_record import record_job
+from helpers.job_record import record_job
 from stand_ins import tiny_model
-from step_errors import LOG_TAIL_LINES, StepError, print_tail
+from helpers.errors import LOG_TAIL_LINES, StepError, print_tail
 
 FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"
 # The tiny local model learns from scratch: see the LOCAL_* settings in config.py for the why. Any other base

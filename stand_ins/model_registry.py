@@ -8,7 +8,7 @@ removed by cleanup.py). `make studio` shows them (Models).
 """
 
 import config
-from step_errors import StepError
+from helpers.errors import StepError
 
 
 def register_local_model(model_name, model_dir, job_name):

@@ -300,7 +300,7 @@ def endpoint_round_trip(endpoint, loader, tmp_path, name="endpoint"):
     (an identity's principal_id, client_id) that its own schema refuses on load: they are left out, as a
     person writing the YAML would. A deep copy is dumped: dump() turns the identities into dicts in place.
     """
-    from azure_ml import dump_yaml
+    from helpers.azure_ml import dump_yaml
 
     path = Path(tmp_path) / f"{name}.yml"
     dump_yaml(endpoint, path)
@@ -323,7 +323,7 @@ def validated_yaml_blocks(out):
     return {name: yaml.safe_load("\n".join(lines)) for name, lines in blocks.items()}
 
 
-# --- serverless.py: the serverless road --------------------------------------------------------------------
+# --- serverless/: the serverless road --------------------------------------------------------------------
 FAKE_SERVERLESS_SETTINGS = {**FAKE_WORKSPACE_SETTINGS, "SERVERLESS_ENDPOINT_NAME": "phi-ft-serverless-tests"}
 FAKE_WORKSPACE_ID = "22222222-2222-2222-2222-222222222222"
 

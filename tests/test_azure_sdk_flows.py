@@ -23,7 +23,7 @@ from azure_service import FakeAzureML, arm_error
 import cleanup
 import config  # azure_mocks puts the project folder on sys.path
 import deploy_model
-import job_record
+from helpers import job_record
 import setup_ml
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in (

@@ -41,11 +41,11 @@ from azure.ai.ml import load_model, load_online_deployment, load_online_endpoint
 from azure.ai.ml.entities import ManagedIdentityConfiguration, ManagedOnlineDeployment, ManagedOnlineEndpoint, Model
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
 
-import azure_ml
+from helpers import azure_ml
 import cleanup
 import config  # azure_mocks puts the project folder on sys.path
 import deploy_model
-import job_record
+from helpers import job_record
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in azure_mocks.AZURE_WARNING_FILTERS]
 

@@ -8,7 +8,7 @@ import pytest
 
 import config
 import download_dataset
-import safe_write
+from helpers import files
 from conftest import run_script
 
 
@@ -170,7 +170,7 @@ def test_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        safe_write.atomic_write_text(target, "new content that never lands\n" * 1000)
+        files.atomic_write_text(target, "new content that never lands\n" * 1000)
     assert target.read_text() == "old complete content\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_data.jsonl"]  # no temp file left behind
 

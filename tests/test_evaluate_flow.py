@@ -9,7 +9,7 @@ import struct
 import pytest
 
 import evaluate_flow
-import metrics
+from helpers import metrics
 from conftest import WORK_DIR, free_port, read_env_file, run_script
 
 LIMIT = 3
@@ -77,7 +77,7 @@ def test_the_benchmarks_use_the_same_percentile():
     from conftest import PROJECT_DIR
 
     source = (PROJECT_DIR / "bench" / "endpoint_load.py").read_text()
-    assert "from metrics import percentile" in source and "def percentile" not in source
+    assert "from helpers.metrics import percentile" in source and "def percentile" not in source
 
 
 # --- BLEU, GLEU and METEOR: NLTK data, which an offline machine cannot download ----------------------

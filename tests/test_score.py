@@ -1,6 +1,5 @@
 """scoring_dir/score.py called directly, as Azure ML calls it: init() once, then run() per request."""
 
-import importlib.util
 import inspect
 import json
 import os
@@ -16,10 +15,9 @@ SCORE_PY = Path(__file__).resolve().parents[1] / "scoring_dir" / "score.py"
 
 def load_score_module():
     """A fresh copy of score.py (its own globals), imported from its file as Azure ML does."""
-    spec = importlib.util.spec_from_file_location("score", SCORE_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from stand_ins.endpoint_server import load_scoring_script
+
+    return load_scoring_script(SCORE_PY)
 
 
 

@@ -38,10 +38,10 @@ import config
 from conftest import run_script
 import deploy_model
 import download_dataset
-import serverless
+from serverless import endpoint as serverless_endpoint, job as serverless_job
 import setup_ml
 from finetuning_dir.chat_data import read_chat_jsonl
-from job_record import read_last_job, record_job
+from helpers.job_record import read_last_job, record_job
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in azure_mocks.AZURE_WARNING_FILTERS]
 
@@ -63,9 +63,9 @@ def client(monkeypatch, road):
     """The mocked MLClient (and registry client) the serverless steps get; the workspace is in East US 2."""
     ml_client = mock_ml_client()
     serve_workspace(ml_client)
-    monkeypatch.setattr(serverless, "get_ml_client", lambda: ml_client)
-    monkeypatch.setattr(cleanup, "get_ml_client", lambda: ml_client)
-    monkeypatch.setattr(serverless, "get_registry_client", lambda name: mock_registry_client())
+    monkeypatch.setattr(serverless_job, "get_ml_client", lambda: ml_client)
+    monkeypatch.setattr(serverless_endpoint, "get_ml_client", lambda: ml_client)
+    monkeypatch.setattr(serverless_job, "get_registry_client", lambda name: mock_registry_client())
     return ml_client
 
 
@@ -169,7 +169,8 @@ def test_step_1_writes_no_chat_files_unless_asked(monkeypatch, tmp_path, capsys)
 
 # --- Step 2: the fine-tuning job ----------------------------------------------------------------------------
 def test_dry_run_prints_the_validated_job_offline(road, monkeypatch, capsys):
-    forbid_ml_client(monkeypatch, serverless)
+    forbid_ml_client(monkeypatch, serverless_job)
+    forbid_ml_client(monkeypatch, serverless_endpoint)
     block_network(monkeypatch)
     code, out, err = run(setup_ml.main, capsys, "--job-name", JOB, "--dry-run")
     assert code == 0, err
@@ -201,7 +202,8 @@ def test_a_pinned_version_and_the_other_phi_are_used_as_set(road, monkeypatch, c
 def test_missing_settings_are_named_before_any_call(road, monkeypatch, capsys, main, argv):
     monkeypatch.setattr(config, "AZURE_SUBSCRIPTION_ID", "<your-subscription-id>")
     monkeypatch.setattr(config, "SERVERLESS_ENDPOINT_NAME", "<your-serverless-endpoint-name>")
-    forbid_ml_client(monkeypatch, serverless)
+    forbid_ml_client(monkeypatch, serverless_job)
+    forbid_ml_client(monkeypatch, serverless_endpoint)
     block_network(monkeypatch)
     code, out, err = run(main, capsys, *argv)
     assert code == 1 and "AZURE_SUBSCRIPTION_ID" in err and "Traceback" not in err
@@ -210,7 +212,8 @@ def test_missing_settings_are_named_before_any_call(road, monkeypatch, capsys, m
 
 def test_step_2_without_step_1_says_what_to_run(road, monkeypatch, capsys):
     monkeypatch.setattr(config, "CHAT_TRAIN_DATA_PATH", road.CHAT_TRAIN_DATA_PATH.with_name("missing.jsonl"))
-    forbid_ml_client(monkeypatch, serverless)
+    forbid_ml_client(monkeypatch, serverless_job)
+    forbid_ml_client(monkeypatch, serverless_endpoint)
     code, out, err = run(setup_ml.main, capsys, "--dry-run")
     assert code == 1 and "TARGET=serverless python download_dataset.py" in err
 
@@ -262,7 +265,7 @@ def test_a_failed_job_exits_non_zero_and_is_recorded(client, road, capsys):
 
 def test_ctrl_c_leaves_the_job_running_and_says_how_to_cancel_it(client, road, capsys, monkeypatch):
     finetuning_job_status(client, "Running")
-    monkeypatch.setattr(serverless.time, "sleep", mock.Mock(side_effect=KeyboardInterrupt))
+    monkeypatch.setattr(serverless_job.time, "sleep", mock.Mock(side_effect=KeyboardInterrupt))
     code, out, err = run(setup_ml.main, capsys, "--job-name", JOB)
     assert code == 130 and f"az ml job cancel --name {JOB}" in out
     assert read_last_job()["status"] == "Running"
@@ -276,7 +279,8 @@ def completed_job():
 
 def test_deploy_dry_run_prints_the_validated_endpoint_offline(road, monkeypatch, capsys):
     completed_job()
-    forbid_ml_client(monkeypatch, serverless)
+    forbid_ml_client(monkeypatch, serverless_job)
+    forbid_ml_client(monkeypatch, serverless_endpoint)
     block_network(monkeypatch)
     code, out, err = run(deploy_model.main, capsys, "--dry-run")
     assert code == 0, err
@@ -288,7 +292,8 @@ def test_deploy_dry_run_prints_the_validated_endpoint_offline(road, monkeypatch,
 
 def test_a_bad_endpoint_name_is_refused_before_any_call(road, monkeypatch, capsys):
     monkeypatch.setattr(config, "SERVERLESS_ENDPOINT_NAME", "phi_ft")
-    forbid_ml_client(monkeypatch, serverless)
+    forbid_ml_client(monkeypatch, serverless_job)
+    forbid_ml_client(monkeypatch, serverless_endpoint)
     code, out, err = run(deploy_model.main, capsys, "--dry-run")
     assert code == 1 and "SERVERLESS_ENDPOINT_NAME" in err
 
@@ -317,7 +322,7 @@ def test_the_sent_endpoint_passes_the_sdks_own_checks(client, road, chat_server,
     serve_serverless_endpoints(client, chat_server)
     assert run(deploy_model.main, capsys)[0] == 0
     sent = only_call_arg(client.serverless_endpoints.begin_create_or_update)
-    text = serverless.validate_rest_entity(sent, load_serverless_endpoint, "Serverless endpoint")
+    text = serverless_endpoint.validate_rest_entity(sent, load_serverless_endpoint, "Serverless endpoint")
     assert f"model_id: {MODEL_ID}" in text
 
 

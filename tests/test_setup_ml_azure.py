@@ -38,7 +38,7 @@ from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, 
 from azure.identity import CredentialUnavailableError
 
 import config  # azure_mocks puts the project folder on sys.path
-import azure_ml as ml_client
+from helpers import azure_ml as ml_client
 import setup_ml
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in azure_mocks.AZURE_WARNING_FILTERS]

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import config
-from safe_write import atomic_write_text
-from step_errors import StepError
+from helpers.files import atomic_write_text
+from helpers.errors import StepError
 
 
 # Azure ML's job states before it ends (Completed, Failed, Canceled, NotResponding end it).

@@ -1,15 +1,13 @@
-"""Azure Machine Learning plumbing shared by setup_ml.py, deploy_model.py and cleanup.py.
+"""Azure Machine Learning plumbing shared by setup_ml.py, deploy_model.py, cleanup.py and serverless/.
 
 - `get_ml_client()`: the tutorial's client; checks the settings first (no network until they are filled in),
-  then signs in with the Azure CLI's login.
+  then signs in with the Azure CLI's login. `get_registry_client(...)`: the same for a registry (the catalogue).
 - `azure_errors()`: the usual sign-in and permission failures as one sentence that says what to do.
 - `check_name(...)`: Azure's naming rules, checked before any call (the SDK checks some only when it sends).
-- `validate(...)`: offline checks of entities with azure-ai-ml's own schemas (dump -> load_*), for --dry-run.
+- `validate(...)`, `validate_rest_entity(...)`: offline checks of entities with azure-ai-ml's own schemas
+  (dump -> load_*), for --dry-run.
 - `wait_with_progress(...)`, `print_job_log_tail(...)`, `print_deployment_log_tail(...)`: waiting and logs.
-- blue/green housekeeping of an online endpoint: `next_slot`, `check_existing_endpoint`, `delete_if_failed`,
-  `retire_previous`; `check_deploy_names()`: the endpoint's and both deployments' names.
-- the serverless road (serverless.py): `get_registry_client(...)`, `validate_rest_entity(...)`.
-- `inference_environment(...)`: the deployment's image and conda file, a CUDA pair on a GPU instance type.
+- `state_name(...)`: Azure's word for a status.
 """
 
 import contextlib
@@ -22,7 +20,7 @@ import time
 from pathlib import Path
 
 import config
-from step_errors import StepError, print_tail
+from helpers.errors import StepError, print_tail
 
 PROGRESS_EVERY_S = 30
 
@@ -194,68 +192,10 @@ def print_deployment_log_tail(ml_client, endpoint_name, deployment_name):
     print_tail(logs.splitlines(), f"deployment {deployment_name}'s log")
 
 
-# --- Online endpoints: blue/green housekeeping ---------------------------------------------------------
-SLOTS = ("blue", "green")  # deployment names end in -blue / -green; the new one goes to the slot not serving
-
-
-def next_slot(endpoint):
-    """The blue/green slot for the new deployment: the one not carrying the traffic (blue for a new endpoint)."""
-    for name, share in (endpoint.traffic or {}).items():
-        if share and name.endswith(tuple(f"-{slot}" for slot in SLOTS)):
-            return SLOTS[1 - SLOTS.index(name.rsplit("-", 1)[1])]
-    return SLOTS[0]
-
-
+# --- Azure's states and the model catalogue ---------------------------------------------------------------
 def state_name(state):
     """Azure's word for a status: azure-ai-ml returns enums (str() of one gives 'JobStatus.FAILED'), or text."""
     return getattr(state, "value", state)
-
-
-def check_existing_endpoint(endpoint):
-    """StepError for an endpoint that cannot take a deployment now, or whose keys the flow cannot use."""
-    state = state_name(endpoint.provisioning_state) or "Succeeded"
-    if state.lower() == "failed":
-        raise StepError(f"Endpoint {endpoint.name} is in state Failed: delete it (`python cleanup.py`) and deploy again.")
-    if state.lower() != "succeeded":
-        raise StepError(f"Endpoint {endpoint.name} is still {state}: wait for it, then deploy again.")
-    if endpoint.auth_mode != "key":
-        raise StepError(f"Endpoint {endpoint.name} uses auth_mode {endpoint.auth_mode}, and the flow sends a key: choose "
-                        "another AZURE_ENDPOINT_NAME, or delete this endpoint (`python cleanup.py`).")
-
-
-def delete_if_failed(ml_client, endpoint, deployment_name):
-    """Delete a deployment whose provisioning failed and that has no traffic: Azure cannot update it, only re-create."""
-    from azure.core.exceptions import ResourceNotFoundError
-
-    try:
-        existing = ml_client.online_deployments.get(name=deployment_name, endpoint_name=endpoint.name)
-    except ResourceNotFoundError:
-        return
-    if (state_name(existing.provisioning_state) or "").lower() == "failed" and not (endpoint.traffic or {}).get(deployment_name):
-        print(f"Deployment {deployment_name} failed before and cannot be updated; deleting it to re-create it ...")
-        wait_with_progress(ml_client.online_deployments.begin_delete(name=deployment_name, endpoint_name=endpoint.name),
-                           f"deleting {deployment_name}")
-
-
-def retire_previous(ml_client, endpoint, deployment_name, keep):
-    """Delete the deployments that had the traffic before (each holds quota and is billed), unless `keep`."""
-    for name in [name for name in (endpoint.traffic or {}) if name != deployment_name]:
-        if keep:
-            print(f"The previous deployment {name} still runs at 0% traffic and costs money: roll back with "
-                  f"`az ml online-endpoint update -n {endpoint.name} --traffic \"{name}=100\"`, or delete it with "
-                  f"`az ml online-deployment delete -n {name} -e {endpoint.name}`.")
-            continue
-        wait_with_progress(ml_client.online_deployments.begin_delete(name=name, endpoint_name=endpoint.name),
-                           f"deleting the previous deployment {name}")
-        print(f"Deleted the previous deployment {name} (0% traffic; --keep-previous keeps one for a rollback).")
-
-
-# --- The serverless road (serverless.py) -----------------------------------------------------------------
-def check_deploy_names():
-    """Azure's naming rules for the endpoint and both blue/green deployments, before anything is sent."""
-    check_name(config.AZURE_ENDPOINT_NAME, "AZURE_ENDPOINT_NAME", 32, "endpoint")
-    for slot in SLOTS:  # "-green" is one character longer than "-blue": both must fit
-        check_name(f"{config.AZURE_DEPLOYMENT_NAME}-{slot}", "AZURE_DEPLOYMENT_NAME", 32, "deployment")
 
 
 def get_registry_client(registry_name):
@@ -281,29 +221,3 @@ def validate_rest_entity(entity, loader, title):
         except (ValidationError, ValueError) as error:
             raise StepError(f"The {title.lower()} does not validate: {getattr(error, 'messages', error)}") from None
     return text
-
-
-# --- The deployment's environment: CPU or GPU by instance type -------------------------------------------------------
-# Azure's GPU VM families are the N series: NC (compute, e.g. Standard_NC4as_T4_v3, Standard_NC24ads_A100_v4),
-# ND (deep learning, e.g. Standard_ND96asr_v4) and NV (visualization); every other family has no GPU.
-GPU_INSTANCE_TYPE = re.compile(r"^Standard_N[CDV]\d", re.IGNORECASE)
-
-
-def deployment_has_gpu(instance_type=None):
-    """True when the deployment's instance type has a GPU (AZURE_DEPLOYMENT_HAS_GPU=true/false overrides the rule)."""
-    override = config.AZURE_DEPLOYMENT_HAS_GPU.strip().lower()
-    if override in ("true", "false"):
-        return override == "true"
-    return bool(GPU_INSTANCE_TYPE.match(instance_type or config.AZURE_DEPLOYMENT_INSTANCE_TYPE))
-
-
-def inference_environment(scoring_dir, instance_type=None):
-    """The deployment's Environment: the CPU image and conda.yml (CPU torch), or on a GPU instance type the CUDA
-    image and conda_gpu.yml (CUDA torch; score.py then loads the model in bf16, or fp16 where the GPU lacks bf16)."""
-    from azure.ai.ml.entities import Environment
-
-    if deployment_has_gpu(instance_type):
-        return Environment(name="phi-3-inference-environment-gpu", image=config.AZURE_GPU_INFERENCE_IMAGE,
-                           conda_file=str(Path(scoring_dir) / "conda_gpu.yml"))
-    return Environment(name="phi-3-inference-environment", image=config.AZURE_INFERENCE_IMAGE,
-                       conda_file=str(Path(scoring_dir) / "conda.yml"))
