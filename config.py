@@ -17,6 +17,7 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from helpers.errors import StepError
+from scoring_dir import contract
 
 PROJECT_DIR = Path(__file__).resolve().parent
 # Tests and side-by-side setups point this elsewhere; deploy_model.py writes the endpoint's URL and key here.
@@ -33,8 +34,13 @@ def _read_env_file():
 _ENV_FILE_VALUES = _read_env_file()  # read once, at import
 
 
+SETTING_NAMES = []  # every setting below, in the order read: tests/stand_ins/sandbox.py and .env.example's test iterate it
+
+
 def _str(name, default):
     """A text setting: the environment wins over .env, which wins over the default."""
+    if name not in SETTING_NAMES:
+        SETTING_NAMES.append(name)
     return os.environ.get(name, _ENV_FILE_VALUES.get(name, default)).strip()
 
 
@@ -119,11 +125,10 @@ AZURE_COMPUTE_LOCATION = _str("AZURE_COMPUTE_LOCATION", "")
 AZURE_COMPUTE_TIER = _str("AZURE_COMPUTE_TIER", "dedicated")  # "low_priority" is cheaper but can be pre-empted
 AZURE_COMPUTE_MIN_INSTANCES = _int("AZURE_COMPUTE_MIN_INSTANCES", 0)  # 0 = no cost while idle
 AZURE_COMPUTE_IDLE_SECONDS = _int("AZURE_COMPUTE_IDLE_SECONDS", 300)  # scale down after 5 idle minutes
-# Base images. Check for newer ones with `az ml environment list --registry-name azureml` (curated) and the
-# tags of https://mcr.microsoft.com/v2/azureml/<image>/tags/list; checked 2026-12-02:
+# Base images. Newer ones: `az ml environment list --registry-name azureml` (curated) and the tags of
+# https://mcr.microsoft.com/v2/azureml/<image>/tags/list.
 # - GPU: the tutorial's curated fine-tuning image (azureml registry, environment acft-hf-nlp-gpu).
-# - CPU: openmpi4.1.0-ubuntu22.04, listed in Azure/AzureML-Containers' README; the tutorial's
-#   openmpi4.1.0-ubuntu20.04 is retired with every Ubuntu 20.04 image.
+# - CPU: openmpi4.1.0-ubuntu22.04, listed in Azure/AzureML-Containers' README (Ubuntu 20.04 images are retired).
 AZURE_TRAINING_IMAGE = _str(
     "AZURE_TRAINING_IMAGE",
     "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
@@ -156,8 +161,8 @@ AZURE_DEPLOYMENT_NAME = _str("AZURE_DEPLOYMENT_NAME", "finetune-phi-deployment")
 AZURE_DEPLOYMENT_INSTANCE_TYPE = _str("AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_E4s_v3")  # 4 vCPU, 32 GiB, no quota
 AZURE_DEPLOYMENT_INSTANCE_COUNT = _int("AZURE_DEPLOYMENT_INSTANCE_COUNT", 1)
 # The deployment brings its own score.py and environment: no-code MLflow deployments keep breaking.
-# A supported inference base image (Microsoft's "prebuilt Docker images for inference" page, checked 2026-12-02;
-# "...-py311-cpu-inference" does not exist: ImageBuildFailure). scoring_dir/conda.yml brings its own Python 3.11.
+# A supported inference base image (Microsoft's "prebuilt Docker images for inference" page lists it);
+# scoring_dir/conda.yml brings its own Python 3.11 on top.
 AZURE_INFERENCE_IMAGE = _str("AZURE_INFERENCE_IMAGE", "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest")
 # A GPU instance type (the N series: Standard_NC4as_T4_v3, Standard_NC24ads_A100_v4, ...) deploys this CUDA image
 # and scoring_dir/conda_gpu.yml (CUDA 12.6 torch, which brings its own CUDA libraries) instead: the same page lists
@@ -170,11 +175,11 @@ MAX_CONCURRENT_REQUESTS_PER_INSTANCE = _int("MAX_CONCURRENT_REQUESTS_PER_INSTANC
 # max_queue_wait_ms request setting; deploy_model.py leaves it out.) Longer: fewer 429s, slower ones.
 MAX_QUEUE_WAIT_MS = _int("MAX_QUEUE_WAIT_MS", 500)
 REQUEST_TIMEOUT_MS = _int("REQUEST_TIMEOUT_MS", 180000)  # Azure's most: transformers on a CPU needs ~2 min for 128 tokens
-MAX_NEW_TOKENS_LIMIT = _int("MAX_NEW_TOKENS_LIMIT", 512)  # ceiling for a request's max_new_tokens
+MAX_NEW_TOKENS_LIMIT = _int("MAX_NEW_TOKENS_LIMIT", contract.DEFAULT_MAX_NEW_TOKENS_LIMIT)  # ceiling for a request's max_new_tokens
 # Inputs (questions or conversations) one request may carry; more get 413. Phi-3.5-mini on a Standard_E4s_v3
 # (docs/benchmarks.md, section 5, scaled): an int4 export answers 4 inputs x 128 new tokens in ~100 s, within
 # the 180 s request timeout; transformers (~1 token/s) or an fp32 export need 1 here, and 1 concurrent request.
-MAX_INPUTS_PER_REQUEST = _int("MAX_INPUTS_PER_REQUEST", 4)
+MAX_INPUTS_PER_REQUEST = _int("MAX_INPUTS_PER_REQUEST", contract.DEFAULT_MAX_INPUTS_PER_REQUEST)
 # Azure's inference server runs score.py in gunicorn sync workers: one request at a time each, and each loads
 # its own copy of the model. Standard_E4s_v3: 32 GiB - ~2 GiB for the OS and server = ~30 GiB; Phi-3.5-mini in
 # bf16 is 7.6 GB + up to ~6 GB of KV cache (4 inputs x 4k tokens) = ~14 GB per worker: memory allows 2. But
@@ -226,8 +231,6 @@ CHAT_TEST_DATA_PATH = _path("CHAT_TEST_DATA_PATH", "data/test_chat.jsonl")
 SERVERLESS_MODEL_PREFIX = _str("SERVERLESS_MODEL_PREFIX", "phi-ft-serverless")  # the fine-tuned model's name prefix
 SERVERLESS_ENDPOINT_NAME = _str("SERVERLESS_ENDPOINT_NAME", "<your-serverless-endpoint-name>")  # 3-32, unique per project
 SERVERLESS_POLL_SECONDS = _int("SERVERLESS_POLL_SECONDS", 30)  # how often step 2 asks for the job's status
-SERVERLESS_SETTINGS = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP_NAME", "AZURE_ML_WORKSPACE_NAME")
-SERVERLESS_DEPLOY_SETTINGS = SERVERLESS_SETTINGS + ("SERVERLESS_ENDPOINT_NAME",)
 
 # --- Step 4: calling the endpoint (integrate_with_promptflow.py) ---------------------------------
 # Written by deploy_model.py (local: a fresh key; Azure: read through the SDK). Never commit them.
@@ -242,6 +245,7 @@ AZURE_DEPLOY_SETTINGS = AZURE_WORKSPACE_SETTINGS + (
     "AZURE_MANAGED_IDENTITY_CLIENT_ID",
     "AZURE_ENDPOINT_NAME",
 )
+SERVERLESS_DEPLOY_SETTINGS = AZURE_WORKSPACE_SETTINGS + ("SERVERLESS_ENDPOINT_NAME",)  # a project is a workspace
 SECRET_SETTINGS = ("AZURE_ML_API_KEY",)
 
 
@@ -290,7 +294,7 @@ def shown(path):
 def main():
     """Print every setting, with secrets hidden."""
     for name, value in globals().items():
-        if name.isupper() and not callable(value):
+        if name.isupper() and not callable(value) and name != "SETTING_NAMES":
             shown = "<hidden>" if name in SECRET_SETTINGS and not is_placeholder(str(value)) else value
             print(f"{name} = {shown}")
 

@@ -29,7 +29,7 @@ from helpers.azure_ml import (azure_errors, check_name, get_ml_client, print_dep
 from helpers.endpoint import publish, smoke_answer, smoke_request
 from helpers.errors import StepError, exit_code
 from helpers.job_record import find_job, read_last_job
-from scoring_dir.contract import SLOTS, SMOKE_QUESTION
+from scoring_dir.contract import SCORE_ENVIRONMENT, SLOTS, SMOKE_QUESTION
 import serverless
 
 SCORING_DIR = config.PROJECT_DIR / "scoring_dir"
@@ -164,10 +164,9 @@ def build_deployment(endpoint_name, deployment_name, model):
             "SUBSCRIPTION_ID": config.AZURE_SUBSCRIPTION_ID,
             "RESOURCE_GROUP_NAME": config.AZURE_RESOURCE_GROUP_NAME,
             "UAI_CLIENT_ID": config.AZURE_MANAGED_IDENTITY_CLIENT_ID,
-            "MAX_NEW_TOKENS_LIMIT": str(config.MAX_NEW_TOKENS_LIMIT),
-            "MAX_INPUTS_PER_REQUEST": str(config.MAX_INPUTS_PER_REQUEST),
             "WORKER_COUNT": str(config.AZURE_WORKER_COUNT),  # azmlinfsrv's gunicorn workers (see config.py)
-            "SERVING_RUNTIME": config.SERVING_RUNTIME,  # auto: the job's ONNX export on a CPU instance
+            # What score.py reads: its limits, and SERVING_RUNTIME (auto: the job's ONNX export on a CPU instance).
+            **{name: str(getattr(config, name)) for name in SCORE_ENVIRONMENT},
         },
         # The tutorial also set max_queue_wait_ms; Azure deprecated it (requests wait up to request_timeout_ms).
         request_settings=OnlineRequestSettings(

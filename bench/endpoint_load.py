@@ -353,7 +353,7 @@ def main(argv=None):
                 scorer, load_s = load_scorer_in_process(model_dir, config.MAX_NEW_TOKENS_LIMIT, args.threads, name)
                 started = time.perf_counter()
                 endpoint = servers.enter_context(serve_model(model_dir, Path(folder) / f"{name}.log", host=HOST,
-                                                             extra_args=["--serving-runtime", name]))
+                                                             settings={"SERVING_RUNTIME": name}))
                 ready[name] = {"ready_s": time.perf_counter() - started, "in_process_init_s": load_s}
                 port, key = int(endpoint.url.rsplit(":", 1)[1].split("/")[0]), endpoint.key
                 endpoints[name] = (port, key)

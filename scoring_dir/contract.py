@@ -21,7 +21,9 @@ PARAMS = {
 ROLES = ("system", "user", "assistant")
 MAX_JSON_DEPTH = 16  # {"input_data": [[{"role": ..., "content": ...}]]} is 4 levels; deeper is not a request
 
-# Limits, as environment variables of the deployment (config.py has the same names and these defaults).
+# What score.py reads from its environment: the deployment sets them from config.py (deploy_model.py), and so does
+# the local endpoint's server (stand_ins/endpoint_server.py). config.py takes the limits' defaults from here.
+SCORE_ENVIRONMENT = ("MAX_NEW_TOKENS_LIMIT", "MAX_INPUTS_PER_REQUEST", "SERVING_RUNTIME")
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 512  # a CPU instance writes a few tokens a second with Phi-3.5-mini
 # Phi-3.5-mini on a Standard_E4s_v3 (docs/benchmarks.md, section 5): an int4 ONNX export decodes ~5 tokens/s,
 # one input after another, so 4 inputs x 128 new tokens take ~100 s, within Azure's 180 s request timeout;

@@ -134,7 +134,7 @@ def check_chat_data_files():
 
 def finetune(job_name, dry_run):
     """Step 2 on the serverless road."""
-    config.require(*config.SERVERLESS_SETTINGS)
+    config.require(*config.AZURE_WORKSPACE_SETTINGS)  # a project is a workspace
     note_experimental()
     check_chat_data_files()
     return dry_run_finetuning(job_name) if dry_run else submit_finetuning(job_name)

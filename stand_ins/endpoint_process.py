@@ -66,13 +66,14 @@ def port_is_free(host, port):
         return sock.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, port)) != 0
 
 
-def start(model_dir, port, key, log_path, host="127.0.0.1", extra_args=(), detached=True):
-    """Start the endpoint server on host:port for `model_dir`; returns a RunningEndpoint (not yet ready)."""
+def start(model_dir, port, key, log_path, host="127.0.0.1", extra_args=(), detached=True, settings=None):
+    """Start the endpoint server on host:port for `model_dir`; returns a RunningEndpoint (not yet ready).
+    `settings` ({name: value}) override config.py's settings in the server's environment (SERVING_RUNTIME, ...)."""
     import psutil
 
     command = [sys.executable, "-m", SERVER_MODULE, "--model-dir", str(model_dir), "--host", host,
                "--port", str(port), *map(str, extra_args)]
-    env = {**os.environ, KEY_VARIABLE: key, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(settings or {}), KEY_VARIABLE: key, "PYTHONUNBUFFERED": "1"}
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own handle
@@ -154,10 +155,11 @@ def stop_endpoint(endpoint):
 
 @contextlib.contextmanager
 def serve_model(model_dir, log_path, host="127.0.0.1", port=None, key=None, extra_args=(), timeout_s=READY_TIMEOUT_S,
-                while_loading=None):
+                while_loading=None, settings=None):
     """Serve a model folder (MLflow model or plain transformers folder) until the block ends; yields the
     RunningEndpoint once it is ready. A free port and a fresh key unless given; always stopped afterwards."""
-    endpoint = start(model_dir, port or free_port(host), key or secrets.token_urlsafe(32), log_path, host, extra_args)
+    endpoint = start(model_dir, port or free_port(host), key or secrets.token_urlsafe(32), log_path, host, extra_args,
+                     settings=settings)
     try:
         yield wait_until_ready(endpoint, timeout_s, while_loading)
     finally:

@@ -48,7 +48,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 import config
-from scoring_dir.contract import CHAT_COMPLETIONS_PATH, SCORE_PATH
+from scoring_dir.contract import CHAT_COMPLETIONS_PATH, SCORE_ENVIRONMENT, SCORE_PATH
 from stand_ins import chat_completions
 from stand_ins.endpoint_process import KEY_VARIABLE, RUNTIME_HEADER
 
@@ -314,16 +314,8 @@ def parse_args(argv=None):
     parser.add_argument("--request-timeout-ms", type=int, default=config.REQUEST_TIMEOUT_MS,
                         help="a longer answer is stopped and gets 504")
     parser.add_argument("--max-request-bytes", type=int, default=config.MAX_REQUEST_BYTES, help="larger bodies get 413")
-    parser.add_argument("--max-new-tokens-limit", type=int, default=config.MAX_NEW_TOKENS_LIMIT,
-                        help="the largest max_new_tokens a request may ask for (passed to score.py)")
-    parser.add_argument("--max-inputs-per-request", type=int, default=config.MAX_INPUTS_PER_REQUEST,
-                        help="the most inputs one request may carry; more get 413 (passed to score.py)")
-    parser.add_argument("--serving-runtime", default=config.SERVING_RUNTIME,
-                        choices=["auto", "onnxruntime-genai", "transformers"],
-                        help="score.py's runtime: auto serves the job's ONNX export on a CPU (SERVING_RUNTIME)")
     args = parser.parse_args(argv)
-    for name in ("max_concurrent", "max_request_bytes", "max_new_tokens_limit", "max_inputs_per_request",
-                 "request_timeout_ms"):
+    for name in ("max_concurrent", "max_request_bytes", "request_timeout_ms"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue_wait_ms < 0:
@@ -341,10 +333,8 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # score.py reads its limits from the environment, as it does in the Azure deployment.
-    os.environ["MAX_NEW_TOKENS_LIMIT"] = str(args.max_new_tokens_limit)
-    os.environ["MAX_INPUTS_PER_REQUEST"] = str(args.max_inputs_per_request)
-    os.environ["SERVING_RUNTIME"] = args.serving_runtime
+    # score.py reads its settings from the environment, as in the Azure deployment, which sets them from config.py.
+    os.environ.update({name: str(getattr(config, name)) for name in SCORE_ENVIRONMENT})
     app = create_app(args.model_dir, key, args.max_concurrent, args.max_queue_wait_ms / 1000,
                      args.request_timeout_ms / 1000, args.max_request_bytes)
     endpoint = app.state.endpoint

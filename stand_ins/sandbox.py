@@ -3,28 +3,28 @@
     env = isolated_env(work_dir)    # every output under work_dir, a free port pair, telemetry off
 
 The steps then write data, models, jobs, the endpoint's files, mlflow.db, .env and Prompt flow's home under
-work_dir, and none of your own settings leaks in: every setting config.py reads is dropped from the
-environment (found by reading config.py, so importing this module does not import config), and .env is
-work_dir's own.
+work_dir, and none of your own settings leaks in: every setting config.py reads (config.SETTING_NAMES) is
+dropped from the environment, and .env is work_dir's own.
 """
 
-import ast
 import os
 import socket
 from pathlib import Path
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "config.py"
-SETTING_READERS = {"_str", "_int", "_float", "_bool", "_path"}
 
 
 def setting_names():
-    """Every setting config.py reads from the environment (the first argument of its _str/_int/... calls)."""
-    names = {"FINETUNE_PHI_ENV_FILE"}
-    for node in ast.walk(ast.parse(CONFIG_FILE.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in SETTING_READERS and node.args \
-                and isinstance(node.args[0], ast.Constant):
-            names.add(node.args[0].value)
-    return names
+    """Every setting config.py reads from the environment, and the variable that points it at another .env.
+
+    config.py is run as a module of its own here, not imported: `import config` would keep the settings of this
+    moment, before the caller puts isolated_env() in place."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_config_setting_names", CONFIG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return set(module.SETTING_NAMES) | {"FINETUNE_PHI_ENV_FILE"}
 
 
 def free_port_pair(host="127.0.0.1"):

@@ -22,6 +22,7 @@ from azure_service import FakeAzureML, arm_error
 
 import cleanup
 import config  # azure_mocks puts the project folder on sys.path
+from helpers.endpoint import smoke_request
 import deploy_model
 from helpers import job_record
 import setup_ml
@@ -298,7 +299,7 @@ def test_green_is_smoke_tested_then_given_the_traffic_then_keys_are_written(serv
     assert request.host == f"{ENDPOINT}.eastus2.inference.ml.azure.com"
     assert request.headers["azureml-model-deployment"] == GREEN  # straight to green, not through the traffic split
     assert request.headers["Authorization"] == f"Bearer {service.endpoint_keys[ENDPOINT]['primaryKey']}"
-    assert request.json == deploy_model.SMOKE_REQUEST
+    assert request.json == smoke_request()  # the contract's smoke question (helpers/endpoint.py)
     assert "'an answer'" in out
 
     # deploy_model sets {green: 100, blue: 0}; azure-ai-ml strips the zero entries before sending.

@@ -114,7 +114,7 @@ def test_the_training_torch_is_the_cuda_build_the_a100_driver_runs():
 
 
 def test_the_gpu_inference_environment_is_the_cpu_one_with_cuda_torch():
-    # A GPU instance type deploys conda_gpu.yml (azure_ml.inference_environment): every pin as in conda.yml but torch.
+    # A GPU instance type deploys conda_gpu.yml (deploy_model.inference_environment): every pin as in conda.yml but torch.
     cpu, gpu = (conda_pip_lines(PROJECT_DIR / "scoring_dir" / name) for name in ("conda.yml", "conda_gpu.yml"))
     assert {k: v for k, v in pins(gpu).items() if k != "torch"} == {k: v for k, v in pins(cpu).items() if k != "torch"}
     assert "--extra-index-url https://download.pytorch.org/whl/cu126" in gpu and pins(gpu)["torch"] == "2.13.0+cu126"
