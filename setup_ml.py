@@ -20,7 +20,7 @@ from pathlib import Path
 import config
 from helpers.azure_ml import (azure_errors, check_name, get_ml_client, print_job_log_tail, print_validated, state_name,
                       validate_job_bindings)
-from helpers.job_record import record_job
+from helpers.job_record import follow_azure_job
 import serverless
 from helpers.errors import StepError, exit_code
 
@@ -91,8 +91,6 @@ def create_fine_tuning_job(env, compute_name, job_name=None):
 
 def run_azure_job(job_name):
     """The tutorial's main(): environment, compute, submit, stream; then check how the job ended."""
-    from azure.ai.ml.exceptions import JobException
-
     ml_client = get_ml_client()
     with azure_errors():
         environment = create_or_get_environment(ml_client)
@@ -100,26 +98,10 @@ def run_azure_job(job_name):
                                       config.AZURE_COMPUTE_LOCATION)
         check_processes_per_node(ml_client, config.AZURE_COMPUTE_INSTANCE_TYPE)
         job = ml_client.jobs.create_or_update(create_fine_tuning_job(environment, config.AZURE_COMPUTE_NAME, job_name))
-        record_job(job.name, "azure", state_name(job.status), studio_url=job.studio_url,
-                   workspace=config.AZURE_ML_WORKSPACE_NAME)
-        print(f"Submitted job {job.name}\nStudio: {job.studio_url}")
-        failure = None
-        try:
-            ml_client.jobs.stream(job.name)
-        except (JobException, KeyboardInterrupt) as error:
-            # The SDK wraps Ctrl+C as JobException(...) from KeyboardInterrupt, and puts a failed job's reason
-            # only in the exception's message (it prints nothing itself).
-            if isinstance(error, KeyboardInterrupt) or isinstance(error.__cause__, KeyboardInterrupt):
-                record_job(job.name, "azure", "Running", studio_url=job.studio_url, workspace=config.AZURE_ML_WORKSPACE_NAME)
-                print(f"\nStopped streaming. The job keeps running in Azure ML; cancel it with\n"
-                      f"  az ml job cancel --name {job.name} --workspace-name {config.AZURE_ML_WORKSPACE_NAME} "
-                      f"--resource-group {config.AZURE_RESOURCE_GROUP_NAME}\nor from the studio link above. Once it "
-                      "has completed, run `python deploy_model.py`.")
-                return 130
-            failure = str(error).strip()
-        # jobs.stream() returns normally for a cancelled job: the status says how it ended.
-        status = state_name(ml_client.jobs.get(job.name).status)
-        record_job(job.name, "azure", status, studio_url=job.studio_url, workspace=config.AZURE_ML_WORKSPACE_NAME)
+        status, failure = follow_azure_job(job, "azure", lambda: stream_job(ml_client, job.name),
+                                           studio_url=job.studio_url, workspace=config.AZURE_ML_WORKSPACE_NAME)
+        if status is None:  # Ctrl+C: the job goes on in Azure ML
+            return 130
         if status != "Completed":
             print(f"Job {job.name} ended with status {status}." + (f" Azure ML says: {failure}" if failure else ""),
                   file=sys.stderr)
@@ -127,6 +109,23 @@ def run_azure_job(job_name):
             return 1
     print(f"Job {job.name} completed. Next: python deploy_model.py")
     return 0
+
+
+def stream_job(ml_client, job_name):
+    """Stream the job's log here until it ends; returns (status, Azure ML's words on a failure)."""
+    from azure.ai.ml.exceptions import JobException
+
+    failure = ""
+    try:
+        ml_client.jobs.stream(job_name)
+    except JobException as error:
+        # The SDK wraps Ctrl+C as JobException(...) from KeyboardInterrupt, and puts a failed job's reason
+        # only in the exception's message (it prints nothing itself).
+        if isinstance(error.__cause__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        failure = str(error).strip()
+    # jobs.stream() returns normally for a cancelled job: the status says how it ended.
+    return state_name(ml_client.jobs.get(job_name).status), failure
 
 
 # --- The entities the tutorial's functions submit ---------------------------------------------------------

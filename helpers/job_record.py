@@ -1,6 +1,7 @@
 """outputs/last_job.json: the fine-tuning job step 2 ran, so step 3 finds it without a copy from the studio.
 
 setup_ml.py writes it (local and Azure jobs alike); deploy_model.py and the benchmarks read it.
+`follow_azure_job()` is step 2's submit -> follow -> record for both Azure roads (Azure ML and serverless).
 """
 
 import json
@@ -64,3 +65,25 @@ def model_output_dir(record):
     """Where a local job's MLflow model is (an absolute path)."""
     path = Path(record.get("model_output") or Path(config.JOBS_DIR) / record["name"] / "model_output")
     return path if path.is_absolute() else config.PROJECT_DIR / path
+
+
+def follow_azure_job(job, target, follow, **details):
+    """Record a submitted Azure job, follow it until it ends, record how it ended; returns (status, failure text).
+
+    `follow()` returns (status, Azure's words on a failure, or ""). Ctrl+C stops following, not the job: it is
+    recorded as Running (deploy_model.py then waits for it) and the command that cancels it is printed; the
+    status is then None.
+    """
+    record_job(job.name, target, getattr(job.status, "value", job.status), **details)
+    print(f"Submitted job {job.name}\nStudio: {job.studio_url}")
+    try:
+        status, failure = follow()
+    except KeyboardInterrupt:
+        record_job(job.name, target, "Running", **details)
+        print(f"\nStopped following. The job keeps running (and billing) in Azure; cancel it with\n"
+              f"  az ml job cancel --name {job.name} --workspace-name {config.AZURE_ML_WORKSPACE_NAME} "
+              f"--resource-group {config.AZURE_RESOURCE_GROUP_NAME}\nor from the studio link above. Once it has "
+              "completed, run `python deploy_model.py`.")
+        return None, ""
+    record_job(job.name, target, status, **details)
+    return status, failure

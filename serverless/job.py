@@ -14,7 +14,7 @@ import time
 import config
 from helpers.azure_ml import azure_errors, get_ml_client, get_registry_client, print_validated, state_name
 from helpers.errors import StepError
-from helpers.job_record import UNFINISHED, record_job
+from helpers.job_record import UNFINISHED, follow_azure_job, record_job
 from serverless.azure_checks import check_region, note_experimental, refusal, serverless_refusals
 
 
@@ -60,19 +60,11 @@ def submit_finetuning(job_name):
               f"learning rate {config.SERVERLESS_LEARNING_RATE}, batch size {config.SERVERLESS_BATCH_SIZE}) ...")
         job = ml_client.jobs.create_or_update(create_serverless_finetuning_job(model_id, job_name))
         details = {"studio_url": job.studio_url, "workspace": config.AZURE_ML_WORKSPACE_NAME, "base_model": model_id}
-        record_job(job.name, "serverless", state_name(job.status), **details)
-        print(f"Submitted job {job.name}\nStudio: {job.studio_url}")
-        try:
-            status = follow_status(ml_client, job.name)
-        except KeyboardInterrupt:
-            record_job(job.name, "serverless", "Running", **details)
-            print(f"\nStopped following. The job keeps running (and billing) in Azure; cancel it with\n  az ml job cancel "
-                  f"--name {job.name} --workspace-name {config.AZURE_ML_WORKSPACE_NAME} --resource-group "
-                  f"{config.AZURE_RESOURCE_GROUP_NAME}\nor, once it has completed, run `python deploy_model.py`.")
+        status, failure = follow_azure_job(job, "serverless", lambda: follow_status(ml_client, job.name), **details)
+        if status is None:  # Ctrl+C: the job goes on in Azure
             return 130
         if status != "Completed":
-            record_job(job.name, "serverless", status, **details)
-            reason = refusal(failure_text(ml_client, job.name))
+            reason = refusal(failure)
             print(f"Job {job.name} ended with status {status}. " + (reason or "Open the studio link above for its reason."),
                   file=sys.stderr)
             return 1
@@ -83,7 +75,8 @@ def submit_finetuning(job_name):
 
 
 def follow_status(ml_client, job_name):
-    """Print the job's status whenever it changes, asking every SERVERLESS_POLL_SECONDS; returns how it ended."""
+    """Print the job's status whenever it changes, asking every SERVERLESS_POLL_SECONDS; returns (how it ended,
+    Azure's words on a failure)."""
     started, last = time.monotonic(), None
     while True:
         status = state_name(ml_client.jobs.get(job_name).status)
@@ -91,7 +84,7 @@ def follow_status(ml_client, job_name):
             print(f"  {time.monotonic() - started:6.0f} s  {status}", flush=True)
             last = status
         if status not in UNFINISHED:
-            return status
+            return status, "" if status == "Completed" else failure_text(ml_client, job_name)
         time.sleep(config.SERVERLESS_POLL_SECONDS)
 
 
