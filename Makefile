@@ -31,7 +31,7 @@ $(STAMP): requirements.txt constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
 	touch $(STAMP)
 
-# Your own NVIDIA GPU (README: "Your own GPU"): the same .venv with CUDA torch and bitsandbytes (QLoRA).
+# Your own NVIDIA GPU (docs/own-gpu.md): the same .venv with CUDA torch and bitsandbytes (QLoRA).
 venv-gpu: $(STAMP) pf-config
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-gpu.txt -c constraints.txt
 	$(PY) -c "import torch; print('CUDA', torch.version.cuda, 'GPU:', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
