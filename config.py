@@ -208,7 +208,7 @@ ONNX_MAX_PERPLEXITY_INCREASE = _float("ONNX_MAX_PERPLEXITY_INCREASE", 0.01)
 
 # --- The serverless road (TARGET=serverless): Azure AI Foundry fine-tunes and hosts, billed per token ------
 # Needs a pay-as-you-go subscription, a hub-based project (its name goes in AZURE_ML_WORKSPACE_NAME) in a region
-# that fine-tunes the model serverless, Microsoft.Network registered, and the Azure AI Developer role (README).
+# that fine-tunes the model serverless, Microsoft.Network registered, and the Azure AI Developer role (docs/serverless.md).
 # Catalogue models this road knows, by the registry id the fine-tuning job takes (versions: see the next setting).
 SERVERLESS_MODELS = {
     "Phi-4-mini-instruct": "azureml://registries/azureml/models/Phi-4-mini-instruct",  # 128k context, newer

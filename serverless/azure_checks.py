@@ -22,7 +22,7 @@ def check_region(ml_client):
     if config.SERVERLESS_REGIONS and region not in config.SERVERLESS_REGIONS:
         raise StepError(f"Workspace {config.AZURE_ML_WORKSPACE_NAME} is in {workspace.location}, and serverless fine-tuning "
                         f"of {config.SERVERLESS_BASE_MODEL} runs in {', '.join(config.SERVERLESS_REGIONS)}: create a "
-                        "hub-based project there (README, the serverless road) and set AZURE_ML_WORKSPACE_NAME to it.")
+                        "hub-based project there (docs/serverless.md) and set AZURE_ML_WORKSPACE_NAME to it.")
     return workspace
 
 
