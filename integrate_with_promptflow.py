@@ -29,6 +29,7 @@ from urllib3.exceptions import MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
 import config
+from helpers.errors import StepError, exit_code
 from scoring_dir.contract import PARAMS, speaks_chat_completions
 
 FLOW_DIR = Path(__file__).resolve().parent  # flow.dag.yml sits next to this file
@@ -109,7 +110,7 @@ def my_python_tool(input_data: str, chat_history: list = None) -> str:
 
 
 # --- The pieces: settings, the conversation, HTTP with retries ----------------------------------------
-class EndpointError(RuntimeError):
+class EndpointError(StepError):
     """The endpoint could not answer; the message says what to do. It never contains the key."""
 
 
@@ -225,8 +226,7 @@ def main(argv=None):
     try:
         endpoint_url, _ = endpoint_settings()  # a missing setting fails here, before Prompt flow starts
     except EndpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return exit_code(error)
     from promptflow.client import PFClient
 
     print(f"Asking the flow in {config.shown(FLOW_DIR / 'flow.dag.yml')} (endpoint {endpoint_url}) ...")
@@ -234,8 +234,7 @@ def main(argv=None):
     try:
         outputs = PFClient().test(flow=FLOW_DIR, inputs={"input_data": args.question, "chat_history": []})
     except Exception as error:  # noqa: BLE001 - Prompt flow wraps the tool's EndpointError in its own exceptions
-        print(f"error: the flow failed: {error}", file=sys.stderr)
-        return 1
+        return exit_code(f"the flow failed: {error}")
     print(f"Q: {args.question}\nA: {outputs['answer']}\n({time.perf_counter() - started:.1f} s; "
           "inputs, outputs and logs in .promptflow/)")
     print(f"Chat with the model in your browser: `make chat` (or `pf flow serve --source ./ --port "
