@@ -6,6 +6,7 @@ their folder: a step replaces its own untouched output freely, but a file someon
 with `force=True`, and then the old one is kept as `<name>.<timestamp>.bak`.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -13,7 +14,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from helpers.errors import StepError
+
 MANIFEST_NAME = ".generated.json"
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # no space, a file-size limit, a quota: the same for the user
+
+
+class DiskFullError(StepError):
+    """A write found no room; the file it was replacing is as it was."""
+
+
+def disk_full(path, error):
+    """The sentence for a write that found no room (None for other errors): what to do, and that nothing was lost."""
+    if getattr(error, "errno", None) not in DISK_FULL:
+        return None
+    return DiskFullError(f"No room to write {path} ({os.strerror(error.errno)}): free some disk space and run the step "
+                         "again; the previous file (and whatever serves from it) was left as it was.")
 
 
 class FileChangedError(FileExistsError):
@@ -33,8 +49,10 @@ def atomic_write_text(path, text, mode=None):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if sentence := disk_full(path, error):
+            raise sentence from None
         raise
 
 
@@ -49,11 +67,24 @@ def _manifest(folder):
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _record(path, digest):
-    """Remember that `path` now holds generated content with hash `digest`."""
+def _known(path):
+    """The hashes this step wrote to `path`: one, or two while a replacement is under way."""
+    value = _manifest(path.parent).get(path.name)
+    return set(value) if isinstance(value, list) else {value} if value else set()
+
+
+def _record(path, *digests):
+    """Remember that `path` holds generated content with one of `digests` (the new one last)."""
     manifest = _manifest(path.parent)
-    manifest[path.name] = digest
+    manifest[path.name] = digests[0] if len(digests) == 1 else list(digests)
     atomic_write_text(path.parent / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _replace(path, text, old_digest, new_digest):
+    """Write `text` to `path` so that, interrupted anywhere, the file is whole (old or new) and known as ours."""
+    _record(path, *filter(None, (old_digest, new_digest)))  # both known while the file changes
+    atomic_write_text(path, text)
+    _record(path, new_digest)
 
 
 def write_generated_file(path, text, force=False):
@@ -61,16 +92,14 @@ def write_generated_file(path, text, force=False):
     path = Path(path)
     new_digest = sha256_text(text)
     if not path.exists():
-        atomic_write_text(path, text)
-        _record(path, new_digest)
+        _replace(path, text, None, new_digest)
         return "written"
     old_digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if old_digest == new_digest:
         _record(path, new_digest)
         return "unchanged"
-    if _manifest(path.parent).get(path.name) == old_digest:
-        atomic_write_text(path, text)
-        _record(path, new_digest)
+    if old_digest in _known(path):
+        _replace(path, text, old_digest, new_digest)
         return "written"
     if not force:
         raise FileChangedError(
@@ -79,8 +108,7 @@ def write_generated_file(path, text, force=False):
         )
     backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
     os.replace(path, backup)
-    atomic_write_text(path, text)
-    _record(path, new_digest)
+    _replace(path, text, None, new_digest)
     return f"replaced (backup: {backup.name})"
 
 

@@ -52,12 +52,27 @@ def read_state():
 def start_slot(model_dir, slot, key):
     """Start the endpoint server for one slot and record its pid; returns the RunningEndpoint."""
     port = config.LOCAL_ENDPOINT_PORT + SLOTS.index(slot)
+    stop_stale_slot(slot, port)  # a server still loading has not taken the port yet: look for it all the same
     if not endpoint_process.port_is_free(config.LOCAL_ENDPOINT_HOST, port):
         raise StepError(f"Port {port} is in use: stop what listens there (python cleanup.py stops old endpoints) "
                         "or set LOCAL_ENDPOINT_PORT.")
     endpoint = endpoint_process.start(model_dir, port, key, endpoint_dir() / f"{slot}.log", config.LOCAL_ENDPOINT_HOST)
     endpoint_process.write_pid_record(pid_file(slot), endpoint)  # cleanup.py stops it even if this step dies
     return endpoint
+
+
+def stop_stale_slot(slot, port):
+    """Stop what an interrupted deploy left in the slot that gets no traffic: its recorded process, or (killed before
+    it could record one) this project's endpoint server for the slot's port. Anything else on the port stays."""
+    try:
+        record = endpoint_process.read_pid_record(pid_file(slot))
+    except StepError:  # a damaged pid file: the port tells instead
+        record = None
+    if not (record and endpoint_process.is_endpoint_process(*record)):
+        record = endpoint_process.server_on_port(port)
+    if record and endpoint_process.stop(*record):
+        print(f"Stopped the '{slot}' endpoint (pid {record[0]}) that an interrupted deploy left behind.")
+        pid_file(slot).unlink(missing_ok=True)
 
 
 def abandon(endpoint, slot):
@@ -104,7 +119,11 @@ def deploy_local(job, foreground=False):
         return 1
     print(f"Ready in {time.monotonic() - started:.1f} s, serving with {endpoint.runtime} (SERVING_RUNTIME="
           f"{config.SERVING_RUNTIME}). Smoke test: {SMOKE_QUESTION!r} -> {answer!r}")
-    publish(endpoint.url, endpoint.key)  # the traffic moves: the flow reads .env
+    try:
+        publish(endpoint.url, endpoint.key)  # the traffic moves: the flow reads .env
+    except StepError:  # .env is as it was (a full disk, say): the previous endpoint keeps the traffic
+        abandon(endpoint, slot)
+        raise
     state = {"slot": slot, "pid": endpoint.pid, "create_time": endpoint.create_time, "url": endpoint.url,
              "log": str(endpoint.log_path), "model_name": config.AZURE_MODEL_NAME, "model_version": version,
              "job_name": job["name"]}

@@ -120,6 +120,21 @@ def is_endpoint_process(pid, create_time=None):
         return False
 
 
+def server_on_port(port):
+    """(pid, create_time) of an endpoint server of this project started for `port`, or None.
+
+    What a step killed before it recorded the pid leaves behind: found by its command line (this project's server
+    module, --port `port`) and its working folder (this project), never any other program on the port."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline", "cwd", "create_time"]):
+        cmdline = process.info["cmdline"] or []
+        ports = [value for flag, value in zip(cmdline, cmdline[1:]) if flag == "--port"]
+        if SERVER_MODULE in cmdline and ports == [str(port)] and process.info["cwd"] == str(config.PROJECT_DIR):
+            return process.pid, process.info["create_time"]
+    return None
+
+
 def stop(pid, create_time=None, grace_s=None):
     """Stop an endpoint process: terminate, wait up to grace_s, then kill. True if it was running and stopped;
     False if no such endpoint runs (any other program with that pid is left alone) or it could not be stopped."""
