@@ -98,19 +98,24 @@ SPLIT_SEED = _int("SPLIT_SEED", 42)  # fixed, so the split (and every result aft
 TRAIN_DATA_PATH = _path("TRAIN_DATA_PATH", "data/train_data.jsonl")
 TEST_DATA_PATH = _path("TEST_DATA_PATH", "data/test_data.jsonl")
 
-# --- Step 2: the base model ----------------------------------------------------------------------
-AZURE_BASE_MODEL_NAME = _str("AZURE_BASE_MODEL_NAME", "microsoft/Phi-3.5-mini-instruct")  # or microsoft/Phi-3-mini-4k-instruct
-# The local target's base model: a Hub id (microsoft/Phi-3.5-mini-instruct, microsoft/Phi-3-mini-4k-instruct,
-# microsoft/Phi-4-mini-instruct: a GPU of your own, see the README) or a folder. By default the tiny Phi-3 (same
+# --- Step 2: what the job trains with: a recipe ---------------------------------------------------------
+# One YAML file per model and method under recipes/ holds every training value (model, epochs, learning rate,
+# batch, length, packing, LoRA, ...), read by finetuning_dir/fine_tune.py --config; the Azure job and the local
+# job get the same file. Default: the tiny model's recipe on this machine, the tutorial's on Azure.
+TINY_RECIPE = "recipes/tiny-phi3/sft/config_cpu.yaml"
+TUTORIAL_RECIPE = "recipes/phi-3.5-mini/sft/config_tutorial.yaml"
+# The local target's base model: a Hub id (microsoft/Phi-3.5-mini-instruct, microsoft/Phi-4-mini-instruct: a
+# GPU of your own, docs/own-gpu.md) or a folder, in place of the recipe's. Empty: the tiny Phi-3 (same
 # architecture, random weights), built in TINY_MODEL_DIR in seconds; a folder there that holds a model of your
-# own (not built by stand_ins/tiny_model.py) is never overwritten. (TINY_MODEL_DIR was LOCAL_BASE_MODEL_DIR.)
-TINY_MODEL_DIR = _path("TINY_MODEL_DIR", _str("LOCAL_BASE_MODEL_DIR", "models/tiny-phi3"))
-LOCAL_BASE_MODEL = _str("LOCAL_BASE_MODEL", "") or str(TINY_MODEL_DIR)  # empty: the tiny model
+# own (not built by stand_ins/tiny_model.py) is never overwritten.
+TINY_MODEL_DIR = _path("TINY_MODEL_DIR", "models/tiny-phi3")
+LOCAL_BASE_MODEL = _str("LOCAL_BASE_MODEL", "") or str(TINY_MODEL_DIR)
 LOCAL_BASE_MODEL_IS_TINY = (PROJECT_DIR / LOCAL_BASE_MODEL).resolve() == Path(TINY_MODEL_DIR).resolve()
-BASE_MODEL_NAME = AZURE_BASE_MODEL_NAME if TARGET == "azure" else LOCAL_BASE_MODEL
-# auto: the most faithful method that fits the GPU (full, then lora, then qlora), from an estimate printed before
-# the weights load (finetuning_dir/memory_estimate.py). qlora needs a CUDA GPU. Both targets.
-FINETUNE_METHOD = _str("FINETUNE_METHOD", "auto")
+# A pretrained model never gets the tiny recipe: its lr 5e-3 for 15 epochs would wreck what the model knows.
+RECIPE = _path("RECIPE", TINY_RECIPE if TARGET == "local" and LOCAL_BASE_MODEL_IS_TINY else TUTORIAL_RECIPE)
+# Empty: the recipe's method. auto: the most faithful that fits the GPU (full, then lora, then qlora), from an
+# estimate printed before the weights load (finetuning_dir/memory_estimate.py); qlora needs a CUDA GPU.
+FINETUNE_METHOD = _str("FINETUNE_METHOD", "")
 
 # --- Step 2: Azure ML compute, environment and job (setup_ml.py) ---------------------------------
 # The CPU variant is for subscriptions without GPU quota (free/benefit ones): slower, use a tiny DATASET_SPLIT.
@@ -143,14 +148,7 @@ INSTANCE_COUNT = _int("INSTANCE_COUNT", 1)
 PROCESSES_PER_NODE = _int("PROCESSES_PER_NODE", 1)  # 1 per GPU; Standard_NC24ads_A100_v4 has 1, ND96asr_v4 has 8
 AZURE_COMPUTE_MAX_INSTANCES = _int("AZURE_COMPUTE_MAX_INSTANCES", max(1, INSTANCE_COUNT))
 
-# --- Step 2: fine-tuning on this machine (the settings follow LOCAL_BASE_MODEL) ---------------------------
-# The tiny model starts from random weights and must learn everything from the chats: far more epochs and a
-# far higher learning rate than the tutorial's, measured on 2 CPU cores (~25 s of training, eval loss 7.7 -> 0.8,
-# verbatim answers). A pretrained Phi gets the tutorial's: lr 5e-3 for 15 epochs would wreck what it knows.
-LOCAL_EPOCHS = _float("LOCAL_EPOCHS", 15 if LOCAL_BASE_MODEL_IS_TINY else 3)  # tiny: 10 mixes some answers up
-LOCAL_LEARNING_RATE = _float("LOCAL_LEARNING_RATE", 5e-3 if LOCAL_BASE_MODEL_IS_TINY else 5e-6)  # tiny: 1e-2 diverges
-LOCAL_BATCH_SIZE = _int("LOCAL_BATCH_SIZE", 16 if LOCAL_BASE_MODEL_IS_TINY else 4)  # per device; the tutorial's 4
-LOCAL_MAX_LENGTH = _int("LOCAL_MAX_LENGTH", 512 if LOCAL_BASE_MODEL_IS_TINY else 2048)  # tiny: the sample chats are short
+# --- Step 2: the local job's folders ----------------------------------------------------------------------
 JOBS_DIR = _path("JOBS_DIR", "outputs/jobs")  # local jobs: one folder per job (log, checkpoints, model_output)
 LAST_JOB_FILE = _path("LAST_JOB_FILE", "outputs/last_job.json")  # written by setup_ml.py, read by deploy_model.py
 

@@ -62,11 +62,12 @@ def create_fine_tuning_job(env, compute_name, job_name=None):
     from azure.ai.ml import Input, Output, PyTorchDistribution, command
     from azure.ai.ml.constants import AssetTypes
 
-    # On a GPU SKU the job stops with the reason when torch sees no GPU, instead of training on the CPU.
-    # outputs/ of a job is uploaded to its run by Azure ML: the loss curves' PNG shows under the job's Outputs.
-    args = training_command("${{inputs.train_file}}", "${{inputs.eval_file}}", "${{outputs.model_output}}",
-                            ["--model-name", config.AZURE_BASE_MODEL_NAME, "--loss-curves", "outputs/loss_curves.png",
-                             *([] if config.USE_CPU_COMPUTE else ["--require-gpu"])])
+    # The recipe travels as an input file, like the data. On a GPU SKU the job stops with the reason when torch
+    # sees no GPU, instead of training on the CPU. outputs/ of a job is uploaded to its run by Azure ML: the loss
+    # curves' PNG shows under the job's Outputs.
+    args = training_command("${{inputs.recipe}}", "${{inputs.train_file}}", "${{inputs.eval_file}}",
+                            "${{outputs.model_output}}",
+                            ["--loss-curves", "outputs/loss_curves.png", *([] if config.USE_CPU_COMPUTE else ["--require-gpu"])])
     distributed = config.INSTANCE_COUNT > 1 or config.PROCESSES_PER_NODE > 1
     return command(
         name=job_name,
@@ -76,6 +77,7 @@ def create_fine_tuning_job(env, compute_name, job_name=None):
         code=str(FINETUNING_DIR),
         command="python " + " ".join(args),
         inputs={
+            "recipe": Input(type=AssetTypes.URI_FILE, path=str(config.RECIPE)),
             "train_file": Input(type=AssetTypes.URI_FILE, path=str(config.TRAIN_DATA_PATH)),
             "eval_file": Input(type=AssetTypes.URI_FILE, path=str(config.TEST_DATA_PATH)),
         },
@@ -166,10 +168,12 @@ def check_processes_per_node(ml_client, instance_type):
                         f"would start ranks without one. Set PROCESSES_PER_NODE to {gpus} (one process per GPU).")
 
 
-def training_command(train_file, eval_file, model_output_dir, extra_args=()):
-    """The fine_tune.py command line, the same for the Azure job and the local run (ONNX export settings included)."""
-    return ["fine_tune.py", "--train-file", train_file, "--eval-file", eval_file,
-            "--model_output_dir", model_output_dir, *extra_args, "--method", config.FINETUNE_METHOD,
+def training_command(recipe, train_file, eval_file, model_output_dir, extra_args=()):
+    """The fine_tune.py command line, the same for the Azure job and the local run: the recipe (RECIPE) holds what
+    the run trains with; the rest is this run's data and output, and the ONNX export's settings."""
+    return ["fine_tune.py", "--config", recipe, "--train-file", train_file, "--eval-file", eval_file,
+            "--model_output_dir", model_output_dir, *extra_args,
+            *(["--method", config.FINETUNE_METHOD] if config.FINETUNE_METHOD else []),
             "--onnx-export" if config.ONNX_EXPORT else "--no-onnx-export",
             "--onnx-min-identical", str(config.ONNX_MIN_IDENTICAL_ANSWERS),
             "--onnx-max-perplexity-increase", str(config.ONNX_MAX_PERPLEXITY_INCREASE)]
@@ -191,7 +195,11 @@ def dry_run(job_name):
 
 
 def check_data_files():
-    """Stop early, with the command to run, when step 1 has not been run."""
+    """Stop early, with the command to run, when step 1 has not been run (or RECIPE names no file)."""
+    if not Path(config.RECIPE).is_file():
+        recipes = ", ".join(sorted(path.relative_to(config.PROJECT_DIR).as_posix()
+                                   for path in (config.PROJECT_DIR / "recipes").rglob("*.yaml")))
+        raise StepError(f"RECIPE={config.shown(config.RECIPE)} is not a file: set RECIPE to one of {recipes}.")
     missing = [config.shown(p) for p in (config.TRAIN_DATA_PATH, config.TEST_DATA_PATH) if not Path(p).is_file()]
     if missing:
         raise StepError(f"{', '.join(missing)} not found: run `python download_dataset.py` first.")
@@ -216,7 +224,8 @@ def main(argv=None):
             if not args.dry_run:
                 check_data_files()
             model_output = job_runner.job_folder(job_name) / "model_output"
-            command = training_command(str(config.TRAIN_DATA_PATH), str(config.TEST_DATA_PATH), str(model_output))
+            command = training_command(config.shown(config.RECIPE), str(config.TRAIN_DATA_PATH),
+                                       str(config.TEST_DATA_PATH), str(model_output))
             return job_runner.run_local_job(job_name, command, dry_run=args.dry_run)
         if config.TARGET == "serverless":  # Azure AI Foundry fine-tunes a catalogue Phi: serverless/
             return serverless.finetune(job_name, args.dry_run)

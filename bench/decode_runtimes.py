@@ -34,8 +34,9 @@ from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
+sys.path.insert(1, str(PROJECT_DIR / "finetuning_dir"))  # the job's code folder: its modules import each other
 
-from finetuning_dir import onnx_export  # noqa: E402 - the export's own builder call and candidates
+import onnx_export  # noqa: E402 - the export's own builder call and candidates
 
 PHI3_MINI = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 32,
              "vocab_size": 32064}

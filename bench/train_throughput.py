@@ -62,7 +62,7 @@ FINETUNING_DIR = PROJECT_DIR / "finetuning_dir"
 # Phi-3-mini-4k-instruct / Phi-3.5-mini-instruct: 3.8B parameters.
 MINI_SHAPE = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=32, vocab_size=32064)
-DEFAULT_LENGTH = {"tiny": 512, "mini": 2048}  # tiny: what fits the sample chats (LOCAL_MAX_LENGTH); mini: the tutorial's
+DEFAULT_LENGTH = {"tiny": 512, "mini": 2048}  # tiny: what fits the sample chats (the tiny recipe's max_length); mini: the tutorial's
 DEFAULT_STEPS = {"tiny": 30, "mini": 20}  # optimizer steps per profile, warm-up included
 DEFAULT_WARMUP = {"tiny": 5, "mini": 5}  # untimed first steps: allocator growth, kernel selection
 SEQUENCES_PER_STEP = 4  # the tutorial's batch 4 without accumulation: every profile trains on this many per step

@@ -1,24 +1,22 @@
 """Fine-tune Phi-3 with TRL's SFTTrainer and write an MLflow model — the training job of step 2.
 
-    python finetuning_dir/fine_tune.py --train-file data/train_data.jsonl --eval-file data/test_data.jsonl \\
-        --model_output_dir outputs/model_output
+    python finetuning_dir/fine_tune.py --config recipes/phi-3.5-mini/sft/config_tutorial.yaml \\
+        --train-file data/train_data.jsonl --eval-file data/test_data.jsonl --model_output_dir outputs/model_output
 
-setup_ml.py runs this for you, as an Azure ML command job (TARGET=azure) or as a local process. The
-defaults are the tutorial's: microsoft/Phi-3.5-mini-instruct, 3 epochs, lr 5e-6, cosine schedule, warmup
-0.2, batch 4, gradient checkpointing, packing, max length 2048, seed 0 — except the attention kernel: sdpa,
-which computes what the tutorial's eager attention computes, faster (measured in bench/train_throughput.py).
-Under torchrun or Azure ML's PyTorch distribution it trains on every process; only rank 0 saves the model
-and logs metrics.
+The recipe (--config, TRL's convention: a YAML file whose keys are this script's options; the command line
+wins) holds everything a run trains with; setup_ml.py passes the same recipe to the Azure ML job and to the
+local one, plus only what belongs to the run (data, output folder). Without --config the options' defaults are
+the tutorial's recipe. Under torchrun or Azure ML's PyTorch distribution it trains on every process; only
+rank 0 saves the model and reports.
 
-Writes an MLflow transformers model into --model_output_dir (checkpoints go to --checkpoint-dir) and
-prints eval loss and perplexity before -> after, train loss, tokens/s and wall time. Then it exports the
-model for ONNX Runtime GenAI into the same folder, its precision chosen by measurement (onnx_export.py;
---no-onnx-export skips it): score.py serves that export on CPUs.
+Writes an MLflow transformers model into --model_output_dir (checkpoints go to --checkpoint-dir), then exports
+it for ONNX Runtime GenAI into the same folder, its precision chosen by measurement (onnx_export.py;
+--no-onnx-export skips it): score.py serves that export on CPUs. reporting.py prints the summary (eval loss
+and perplexity before -> after, train loss, tokens/s, wall time) and logs it to MLflow.
 """
 
 import argparse
 import atexit
-import math
 import os
 import sys
 import time
@@ -26,17 +24,16 @@ import warnings
 from importlib.metadata import version
 from pathlib import Path
 
-if __package__:  # imported from the project (tests, benchmarks): one module name, finetuning_dir.chat_data
-    from .chat_data import ChatDataError, read_chat_jsonl
-    from .memory_estimate import MethodError, plan
-    from .onnx_export import export_onnx, summary_line
-else:  # run as a script, as in the job, whose code folder is this one
-    from chat_data import ChatDataError, read_chat_jsonl
-    from memory_estimate import MethodError, plan
-    from onnx_export import export_onnx, summary_line
+# Its neighbours, imported as the job imports them: Azure ML runs this folder as the job's code.
+from chat_data import ChatDataError, read_chat_jsonl
+from memory_estimate import MethodError, plan
+from onnx_export import export_onnx, summary_line
+from reporting import LiveMetrics, report, summary_metrics
 
 TUTORIAL_BASE_MODEL = "microsoft/Phi-3.5-mini-instruct"
-# Params a caller may send with each request; a signature with a params schema makes MLflow honour them.
+# Params a caller may send with each request; a signature with a params schema makes MLflow honour them. The
+# endpoint contract's defaults (scoring_dir/contract.py PARAMS), written here because the job uploads this folder
+# alone; tests/test_scripts.py keeps the two equal.
 GENERATION_PARAMS = {"max_new_tokens": 128, "temperature": 0.7, "top_p": 1.0, "do_sample": False, "return_full_text": False}
 # What the saved model needs to load and serve; pinned to the versions that trained it.
 MODEL_REQUIREMENTS = ("torch", "transformers", "accelerate", "tokenizers", "safetensors", "mlflow")
@@ -47,8 +44,36 @@ class UsageError(ValueError):
 
 
 def parse_args(argv=None):
-    """The tutorial's CLI (--train-file, --eval-file, --model_output_dir) plus the knobs users need."""
+    """The recipe (--config) as defaults, then the command line: the tutorial's CLI plus the knobs users need."""
+    parser = build_parser()
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--config", type=Path)
+    config_file = recipe.parse_known_args(argv)[0].config
+    if config_file:
+        parser.set_defaults(**read_recipe(config_file, parser))
+    return parser.parse_args(argv)
+
+
+def read_recipe(path, parser):
+    """The recipe's {option: value}; a key that is no option of this script is an error naming it."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        parser.error(f"--config {path}: {error}")
+    options = {action.dest for action in parser._actions} - {"help", "config"}
+    if not isinstance(values, dict) or set(values) - options:
+        parser.error(f"--config {path}: unknown option(s) {sorted(set(values) - options) if isinstance(values, dict) else values}; "
+                     "a recipe's keys are this script's options with underscores (learning_rate, epochs, ...)")
+    return values
+
+
+def build_parser():
+    """The options; their defaults are the tutorial's recipe."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a recipe: YAML whose keys are these options (recipes/); the command line wins")
     data = parser.add_argument_group("data and output")
     data.add_argument("--train-file", required=True, type=Path, help="JSONL chats in the ultrachat schema")
     data.add_argument("--eval-file", required=True, type=Path, help="JSONL chats for evaluation")
@@ -105,7 +130,7 @@ def parse_args(argv=None):
     train.add_argument("--fast-exit", action="store_true",
                        help="end the process right after the summary, skipping Python's slow teardown of torch "
                             "(2-5 s); single-process runs only (setup_ml.py's local job uses it)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def is_distributed():
@@ -129,7 +154,7 @@ def choose_method(args, use_bf16, use_cpu):
     """Print the memory estimate of every method and return the one to train with (before loading the weights)."""
     from transformers import AutoConfig
 
-    requested = "lora" if args.method == "auto" and args.lora_r > 0 else args.method
+    requested = "lora" if args.method == "auto" and args.lora_r > 0 else args.method  # a LoRA rank asks for lora
     method, why, table = plan(AutoConfig.from_pretrained(args.model_name), requested, args.max_length,
                               args.batch_size, use_bf16, has_cuda=not use_cpu, lora_rank=args.lora_r or 16,
                               gradient_checkpointing=args.gradient_checkpointing)
@@ -144,11 +169,11 @@ def choose_method(args, use_bf16, use_cpu):
 
 
 def load_model_and_tokenizer(args, use_bf16):
-    """Load the base model and its tokenizer, set up for training (for qlora: in 4-bit NF4, bitsandbytes)."""
+    """Load the base model and its tokenizer, set up for args.method (for qlora: in 4-bit NF4, bitsandbytes)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    method = args.method if args.method != "auto" else ("lora" if args.lora_r > 0 else "full")  # as choose_method
+    method = args.method  # resolved by choose_method(): full, lora or qlora
     quantization = {}
     if method == "qlora":
         from transformers import BitsAndBytesConfig
@@ -263,12 +288,11 @@ def count_tokens(dataset):
 
 
 def save_mlflow_model(model, tokenizer, output_dir):
-    """Write an MLflow transformers model whose signature accepts the generation params."""
+    """Write an MLflow transformers model (a plain model: plain_model() merged any adapters) whose signature
+    accepts the generation params."""
     import mlflow
     from mlflow.models import infer_signature
 
-    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters in, so the output is a plain model
-        model = model.merge_and_unload()
     model.config.use_cache = True  # training turned it off; serving wants it
     # The pyfunc flavour formats each plain question with this, so a question gets an answer (MLflow's
     # text-generation task does not apply the chat template itself).
@@ -286,114 +310,14 @@ def save_mlflow_model(model, tokenizer, output_dir):
     )
 
 
-class LiveMetrics:
-    """The job's MLflow run, open while it trains: parameters first, then metrics as the Trainer logs them, so
-    Azure ML's studio (and `make studio` locally) draws the curves live. No Hugging Face autolog: Azure ML caps a
-    run's parameters at 100. A tracking failure warns once and stops logging; it never fails the training."""
-
-    def __init__(self, args):
-        self.failed = False
-        self.last_tokens = None  # (tokens seen, time) at the last log, for tokens/s
-        self.call(self._start, args)
-
-    def _start(self, args):
-        """Open the run (inside an Azure ML job: the job's own run) and log the parameters."""
-        import mlflow
-
-        mlflow.start_run(run_name=os.environ.get("FINETUNE_RUN_NAME"))
-        mlflow.log_params({
-            "base_model": args.model_name, "epochs": args.epochs, "learning_rate": args.learning_rate,
-            "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
-            "method": args.method, "lora_r": args.lora_r, "seed": args.seed, "packing": args.packing,
-            "attn_implementation": args.attn_implementation,
-        })
-
-    def call(self, function, *args):
-        """Run one tracking call; the first failure is a warning and ends the logging."""
-        if self.failed:
-            return
-        try:
-            function(*args)
-        except Exception as error:  # noqa: BLE001 - any tracking-server problem must not fail the training
-            self.failed = True
-            warnings.warn(f"MLflow logging stopped; training goes on. ({type(error).__name__}: {error})")
-
-    def log(self, metrics, step):
-        """Log numbers at a training step."""
-        import mlflow
-
-        numbers = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
-        self.call(lambda: mlflow.log_metrics(numbers, step=step))
-
-    def on_trainer_log(self, logs, step):
-        """What the Trainer logs every --logging-steps: loss, learning rate, eval loss, and tokens/s since the last."""
-        figures = {key: logs[key] for key in ("loss", "eval_loss", "learning_rate", "grad_norm") if key in logs}
-        now, tokens = time.perf_counter(), logs.get("num_tokens")
-        if isinstance(tokens, (int, float)):
-            if self.last_tokens and now > self.last_tokens[1]:
-                figures["tokens_per_second"] = (tokens - self.last_tokens[0]) / (now - self.last_tokens[1])
-            self.last_tokens = (tokens, now)
-        self.log(figures, step)
-
-    def callback(self):
-        """A TrainerCallback that hands each log of rank 0 to on_trainer_log."""
-        from transformers import TrainerCallback
-
-        tracker = self
-
-        class LogToMlflow(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if state.is_world_process_zero and logs:
-                    tracker.on_trainer_log(logs, state.global_step)
-
-        return LogToMlflow()
-
-    def finish(self, metrics):
-        """Log the summary figures and close the run."""
-        import mlflow
-
-        self.log({key: value for key, value in metrics.items() if key != "global_step"}, metrics["global_step"])
-        self.call(mlflow.end_run)
-
-
-def plot_loss_curves(log_history, eval_before, eval_after, path):
-    """The training loss per logging step and the eval loss (before, per epoch, after) as a PNG (matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    evals = [(0, eval_before)] + [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
-    evals.append((max([step for step, _ in train + evals] or [0]), eval_after))
-    figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        axes.plot(*zip(*train), label="training loss", color="tab:blue")
-    axes.plot(*zip(*evals), "o--", label="eval loss (test chats)", color="tab:orange")
-    axes.set(xlabel="step", ylabel="loss", title="Fine-tuning: loss", yscale="log")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    pyplot.close(figure)
-
-
-def print_summary(metrics, output_dir):
-    """The closing summary a reader looks for."""
-    print("\nFine-tuning summary")
-    print(f"  eval loss    {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}")
-    print(f"  perplexity   {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}")
-    print(f"  train loss   {metrics['train_loss']:.4f} ({metrics['global_step']} steps)")
-    print(f"  tokens/s     {metrics['train_tokens_per_second']:,.0f} ({metrics['train_tokens']:,} tokens, {metrics['world_size']} process(es))")
-    print(f"  wall time    {metrics['wall_time_seconds']:.1f} s (training {metrics['train_runtime_seconds']:.1f} s)")
-    print(f"  model        {output_dir} (MLflow model)")
-
-
 def main(argv=None):
-    """Check data, load the model, evaluate, train, evaluate, save, log."""
+    """The SFT recipe: load the data, load the model, train, save, export, report; returns the exit code."""
+    return run(parse_args(argv))
+
+
+def run(args):
+    """main() with its options parsed."""
     started = time.perf_counter()
-    args = parse_args(argv)
     os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")  # no Trainer autolog: Azure ML caps run params
     if Path(args.model_name).is_dir():
         # A local base model needs no Hub: absolute, so no library mistakes "models/x" for a Hub id, and
@@ -401,7 +325,7 @@ def main(argv=None):
         args.model_name = str(Path(args.model_name).resolve())
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    # --- Check the data (before the model is loaded) ---
+    # --- Load the data (checked before any weight is loaded) ---
     try:
         train_dataset = load_chat_dataset(args.train_file)
         eval_dataset = load_chat_dataset(args.eval_file)
@@ -425,21 +349,20 @@ def main(argv=None):
         return 3
     use_bf16 = not use_cpu and torch.cuda.is_bf16_supported()  # A100/H100 yes; CPU and older GPUs: fp32
     try:
-        args.method = choose_method(args, use_bf16, use_cpu)  # before any weight is loaded
+        args.method = choose_method(args, use_bf16, use_cpu)  # once, before any weight is loaded
     except MethodError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    # --- Load the base model ---
+    # --- Load the model ---
     model, tokenizer = load_model_and_tokenizer(args, use_bf16)
     trainer = SFTTrainer(model=model, args=sft_config(args, use_bf16, use_cpu), train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=tokenizer)
-    world_size = trainer.args.world_size
     tracker = LiveMetrics(args) if is_main_process() else None
     if tracker:
         trainer.add_callback(tracker.callback())
 
-    # --- Evaluate, train, evaluate ---
+    # --- Train (evaluated before and after) ---
     eval_loss_before = trainer.evaluate()["eval_loss"]
     if resume and is_main_process():
         print(f"Resuming from {resume}")
@@ -448,35 +371,17 @@ def main(argv=None):
     if not is_main_process():
         return 0
 
-    epochs_done = trainer.state.epoch or 0.0
-    train_tokens = int(count_tokens(trainer.train_dataset) * epochs_done)
-    runtime = train_result.metrics["train_runtime"]
-    metrics = {
-        "eval_loss_before": eval_loss_before, "eval_loss_after": eval_loss_after,
-        "perplexity_before": math.exp(min(eval_loss_before, 50)), "perplexity_after": math.exp(min(eval_loss_after, 50)),
-        "train_loss": train_result.training_loss, "train_tokens": train_tokens,
-        "train_tokens_per_second": train_tokens / runtime if runtime else 0.0, "train_runtime_seconds": runtime,
-        "global_step": trainer.state.global_step, "world_size": world_size,
-    }
-
     # --- Save the model first: nothing after this may lose it ---
     save_mlflow_model(plain_model(trainer.model, args), tokenizer, args.model_output_dir)
-    onnx_record = export_for_cpus(args) if args.onnx_export else None
-    metrics["wall_time_seconds"] = time.perf_counter() - started
 
-    # --- Log the summary and the pictures (optional: a failure is a warning, not a failed job) ---
-    tracker.finish(metrics)
-    if args.loss_curves:
-        try:
-            plot_loss_curves(trainer.state.log_history, eval_loss_before, eval_loss_after, args.loss_curves)
-        except Exception as error:  # noqa: BLE001 - a picture is not worth a failed job
-            warnings.warn(f"Could not draw {args.loss_curves} ({type(error).__name__}: {error})")
-            args.loss_curves = None
-    print_summary(metrics, args.model_output_dir)
-    if onnx_record:
-        print(f"  onnx export  {summary_line(onnx_record)}")
-    if args.loss_curves:
-        print(f"  loss curves  {args.loss_curves}")
+    # --- Export it for CPUs (optional: a failure is a warning) ---
+    onnx_record = export_for_cpus(args) if args.onnx_export else None
+
+    # --- Report (optional: a failure is a warning, not a failed job) ---
+    metrics = summary_metrics(trainer, train_result, eval_loss_before, eval_loss_after, count_tokens)
+    metrics["wall_time_seconds"] = time.perf_counter() - started
+    report(tracker, metrics, trainer.state.log_history, args.model_output_dir, args.loss_curves,
+           summary_line(onnx_record) if onnx_record else None)
     return 0
 
 
@@ -500,7 +405,8 @@ def exit_now(code):
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    if parse_args().fast_exit and not is_distributed():
+    options = parse_args()
+    exit_code = run(options)
+    if options.fast_exit and not is_distributed():
         exit_now(exit_code)
     sys.exit(exit_code)

@@ -32,10 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__:  # imported from the project (fine_tune.py under tests, benchmarks)
-    from .chat_data import read_chat_jsonl
-else:  # run as a script, as in the job, whose code folder is this one
-    from chat_data import read_chat_jsonl
+from chat_data import read_chat_jsonl  # its neighbour, as the job imports it (Azure ML runs this folder)
 
 # Candidates, smallest weights first, each with the model builder's options. int4 with block_size 128: one
 # scale per 128 weights instead of 32 reads fewer bytes per token and decoded Phi-3-mini's layers ~1.5x faster

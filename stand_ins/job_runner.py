@@ -3,9 +3,10 @@
     run_local_job("finetune-phi-20261203-101500", training_args)   # what `python setup_ml.py` does locally
 
 The "environment" is this venv, the "compute" is this machine (PROCESSES_PER_NODE > 1 runs torchrun), and
-the job is finetuning_dir/fine_tune.py with the same command line as the Azure job, plus the tiny model's
-training settings. Its log, checkpoints and MLflow model land in outputs/jobs/<job name>/; the job is recorded
-in outputs/last_job.json, where deploy_model.py finds it. A job folder is never reused.
+the job is finetuning_dir/fine_tune.py with the same command line as the Azure job: the same recipe (RECIPE),
+on this machine's base model (LOCAL_BASE_MODEL, by default the tiny Phi-3). Its log, checkpoints and MLflow
+model land in outputs/jobs/<job name>/; the job is recorded in outputs/last_job.json, where deploy_model.py
+finds it. A job folder is never reused.
 """
 
 import os
@@ -22,19 +23,6 @@ from stand_ins import tiny_model
 from helpers.errors import LOG_TAIL_LINES, StepError, print_tail
 
 FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"
-# The tiny local model learns from scratch: see the LOCAL_* settings in config.py for the why. Any other base
-# model (LOCAL_BASE_MODEL) trains with the tutorial's defaults of fine_tune.py: packing, gradient checkpointing.
-TINY_TRAINING_ARGS = [
-    "--no-packing",  # whole chats, one per row: the tiny model memorizes them more cleanly
-    "--no-gradient-checkpointing",  # a 1M-parameter model has no memory to save
-    "--group-by-length",  # batches of similar length: ~1.4x faster than random batches with padding
-    "--assistant-only-loss",  # learn the answers, not the questions (the tiny template has generation marks)
-    "--eval-strategy", "no",  # eval loss is measured before and after training instead of every epoch
-    "--logging-steps", "20",  # the tutorial's: ~13 points of the live loss curve in MLflow (make studio)
-    "--save-steps", "200",
-]  # and for every local job: --fast-exit, which skips the 2-5 s teardown of torch (ignored under torchrun)
-
-
 def job_folder(job_name):
     """Where a local job keeps its log, checkpoints and model_output."""
     return Path(config.JOBS_DIR) / job_name
@@ -71,14 +59,12 @@ def base_model_folder():
 
 
 def local_job_command(job_name, training_args, build=True):
-    """The job's process: fine_tune.py (under torchrun for several processes) on the local base model."""
+    """The job's process: the Azure job's fine_tune.py command line (under torchrun for several processes), on the
+    local base model, with this machine's folders; --fast-exit skips the 2-5 s teardown of torch."""
     job_dir = job_folder(job_name)
     script = [str(FINETUNING_DIR / training_args[0]), *training_args[1:],
               "--model-name", str(base_model(build)), "--checkpoint-dir", str(job_dir / "checkpoints"),
-              "--epochs", str(config.LOCAL_EPOCHS), "--learning-rate", str(config.LOCAL_LEARNING_RATE),
-              "--batch-size", str(config.LOCAL_BATCH_SIZE), "--max-length", str(config.LOCAL_MAX_LENGTH),
-              "--loss-curves", str(job_dir / "loss_curves.png"), "--fast-exit",
-              *(TINY_TRAINING_ARGS if config.LOCAL_BASE_MODEL_IS_TINY else [])]
+              "--loss-curves", str(job_dir / "loss_curves.png"), "--fast-exit"]
     if config.PROCESSES_PER_NODE > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={config.PROCESSES_PER_NODE}", *script]

@@ -190,6 +190,7 @@ def configure_azure(monkeypatch, settings=FAKE_WORKSPACE_SETTINGS, **overrides):
     import config
 
     monkeypatch.setattr(config, "TARGET", "azure")
+    monkeypatch.setattr(config, "RECIPE", config.PROJECT_DIR / config.TUTORIAL_RECIPE)  # as config.py chooses for azure
     for name, value in {**settings, **overrides}.items():
         assert hasattr(config, name), f"config has no setting {name}"
         monkeypatch.setattr(config, name, value)

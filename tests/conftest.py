@@ -34,6 +34,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a Hub download fails at once instead of re
 
 from stand_ins.endpoint_process import free_port  # noqa: E402,F401 - for the tests; after the settings above
 
+# finetuning_dir/ is the Azure job's code folder: its modules import each other as neighbours (`import chat_data`),
+# so the tests put it on the path as the job has it.
+sys.path.insert(1, str(PROJECT_DIR / "finetuning_dir"))
+
+
+def write_recipe(path, recipe="recipes/tiny-phi3/sft/config_cpu.yaml", **changes):
+    """A copy of a recipe with some values changed (a shorter run for a test); returns its path."""
+    import yaml
+
+    values = {**yaml.safe_load((PROJECT_DIR / recipe).read_text()), **changes}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(values))
+    return Path(path)
+
 
 def pytest_sessionfinish(session, exitstatus):
     """Remove the session's work folder when everything passed (kept for a look after a failure)."""

@@ -45,7 +45,6 @@ SETTINGS = {
     "AZURE_COMPUTE_NAME": COMPUTE,
     "AZURE_COMPUTE_INSTANCE_TYPE": "Standard_NC24ads_A100_v4",
     "AZURE_COMPUTE_LOCATION": "",
-    "AZURE_BASE_MODEL_NAME": "microsoft/Phi-3.5-mini-instruct",
     "AZURE_ENVIRONMENT_NAME": "phi-3-training-environment",
     "AZURE_EXPERIMENT_NAME": "phi-3-fine-tuning",
     "USE_CPU_COMPUTE": False,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import config
-from conftest import PROJECT_DIR, run_script
+from conftest import PROJECT_DIR, run_script, write_recipe
 from stand_ins import tiny_model
 from stand_ins.sandbox import isolated_env
 
@@ -90,19 +90,17 @@ def test_a_local_base_model_gets_the_tutorials_training_settings(tmp_path):
     result = run_script("setup_ml.py", "--dry-run", "--job-name", "mine", env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     command = result.stdout.split()
-    value = {flag: command[command.index(flag) + 1] for flag in
-             ("--model-name", "--epochs", "--learning-rate", "--batch-size", "--max-length", "--method")}
-    assert value == {"--model-name": str(base), "--epochs": "3.0", "--learning-rate": "5e-06", "--batch-size": "4",
-                     "--max-length": "2048", "--method": "auto"}
-    assert "--assistant-only-loss" not in command and "--no-packing" not in command  # the tiny model's tricks
-    # The tiny model keeps its measured settings.
+    assert command[command.index("--model-name") + 1] == str(base)
+    assert command[command.index("--config") + 1] == "recipes/phi-3.5-mini/sft/config_tutorial.yaml"
+    # The tiny model keeps its measured recipe.
     tiny = run_script("setup_ml.py", "--dry-run", "--job-name", "tiny", env={**env, "LOCAL_BASE_MODEL": ""}, timeout=120)
-    assert "--learning-rate 0.005" in tiny.stdout and "--epochs 15.0" in tiny.stdout
+    assert "--config recipes/tiny-phi3/sft/config_cpu.yaml" in tiny.stdout
 
 
 def test_steps_one_to_four_run_on_a_local_base_model_folder(tmp_path):
     base = stand_in("phi-4-mini", tmp_path / "my-phi4")
-    env = {**isolated_env(tmp_path / "work"), "LOCAL_BASE_MODEL": str(base), "LOCAL_EPOCHS": "1"}
+    env = {**isolated_env(tmp_path / "work"), "LOCAL_BASE_MODEL": str(base),
+           "RECIPE": str(write_recipe(tmp_path / "one-epoch.yaml", "recipes/phi-4-mini/sft/config_full.yaml", epochs=1))}
     for step in ("download_dataset.py", "setup_ml.py", "deploy_model.py", "integrate_with_promptflow.py"):
         result = run_script(step, env=env, timeout=600)
         assert result.returncode == 0, f"{step}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
@@ -120,17 +118,6 @@ def test_an_unknown_local_base_model_is_one_sentence(tmp_path):
     result = run_script("setup_ml.py", "--dry-run", env=env, timeout=120)
     assert result.returncode != 0 and "neither a folder nor a Hub id" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_the_old_setting_name_still_places_the_tiny_model(tmp_path):
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TINY_MODEL_DIR"}
-    env["LOCAL_BASE_MODEL_DIR"] = str(tmp_path / "old-name")
-    result = subprocess.run([sys.executable, "-c", "import config; print(config.TINY_MODEL_DIR, config.LOCAL_BASE_MODEL_IS_TINY)"],
-                            cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=60)
-    assert result.stdout.split() == [str(tmp_path / "old-name"), "True"], result.stderr
 
 
 # --- Methods -------------------------------------------------------------------------------------------------

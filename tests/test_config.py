@@ -35,7 +35,7 @@ def test_require_passes_when_filled(monkeypatch):
 
 
 def test_local_target_needs_no_azure_setting():
-    result = run_script("-c", "import config; print(config.TARGET, config.BASE_MODEL_NAME)")
+    result = run_script("-c", "import config; print(config.TARGET, config.shown(config.RECIPE))")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("local ")
 
@@ -57,10 +57,11 @@ def test_managed_identity_resource_id_is_derived(tmp_path):
     )
 
 
-def test_azure_target_switches_model_and_dataset_source(tmp_path):
+def test_azure_target_switches_recipe_and_dataset_source(tmp_path):
     env = {"FINETUNE_PHI_ENV_FILE": str(tmp_path / "none"), "TARGET": "azure"}
-    result = run_script("-c", "import config; print(config.BASE_MODEL_NAME, config.DATASET_SOURCE, config.DATASET_SPLIT)", env=env)
-    assert result.stdout.split() == ["microsoft/Phi-3.5-mini-instruct", "hub", "train_sft[:1%]"]
+    result = run_script("-c", "import config; print(config.shown(config.RECIPE), config.DATASET_SOURCE, config.DATASET_SPLIT)",
+                        env=env)
+    assert result.stdout.split() == ["recipes/phi-3.5-mini/sft/config_tutorial.yaml", "hub", "train_sft[:1%]"]
 
 
 def test_unknown_target_is_a_clear_error():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import config
-from conftest import PROJECT_DIR, run_script
+from conftest import PROJECT_DIR, run_script, write_recipe
 
 FINE_TUNE = PROJECT_DIR / "finetuning_dir" / "fine_tune.py"
 QUICK_ARGS = ["--no-packing", "--no-gradient-checkpointing", "--batch-size", "8", "--eval-strategy", "no",
@@ -141,7 +141,8 @@ def test_setup_ml_records_the_job_for_deploy_model(demo_run):
 
 
 def test_setup_ml_with_two_processes_per_node_runs_torchrun_and_writes_exactly_one_model(tmp_path):
-    env = {"PROCESSES_PER_NODE": "2", "LOCAL_EPOCHS": "0.2", "JOBS_DIR": str(tmp_path / "jobs"),
+    env = {"PROCESSES_PER_NODE": "2", "RECIPE": str(write_recipe(tmp_path / "short.yaml", epochs=0.2)),
+           "JOBS_DIR": str(tmp_path / "jobs"),
            "LAST_JOB_FILE": str(tmp_path / "last_job.json"), "JOB_NAME": "ddp-job"}
     result = run_script("setup_ml.py", env=env)  # the local job passes --fast-exit: ignored under torchrun
     assert result.returncode == 0, result.stdout[-3000:]
@@ -202,15 +203,48 @@ def test_lora_trains_adapters_and_writes_a_plain_merged_model(tmp_path):
     assert not any("lora" in name for name, _ in model.named_parameters())  # adapters merged in
 
 
-def test_chat_data_has_one_module_name_in_a_process():
-    # download_dataset imports finetuning_dir.chat_data; fine_tune.py, imported from the project, must use the
-    # same module (and so the same ChatDataError), even with finetuning_dir on the path as the job has it.
-    code = ("import sys; sys.path.insert(0, 'finetuning_dir'); import download_dataset; from finetuning_dir import fine_tune; "
-            "import finetuning_dir.chat_data as shared; "
-            "print(fine_tune.ChatDataError is shared.ChatDataError, 'chat_data' in sys.modules)")
-    result = run_script("-c", code)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["True", "False"]
+def test_fine_tune_needs_nothing_but_its_own_folder(tmp_path):
+    # The Azure job uploads finetuning_dir/ alone and runs fine_tune.py there: no project module may be needed.
+    code = "import sys, fine_tune; print(sorted(m for m in ('config', 'helpers', 'stand_ins') if m in sys.modules))"
+    result = run_script("-c", code, cwd=PROJECT_DIR / "finetuning_dir")  # the project's root is not on the path
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+# --- the recipe: --config, TRL's convention ---------------------------------------------------------------------
+def test_a_recipe_sets_the_options_and_the_command_line_wins(tmp_path):
+    import fine_tune
+
+    recipe = write_recipe(tmp_path / "r.yaml", learning_rate=1e-4, epochs=2)
+    args = fine_tune.parse_args(["--config", str(recipe), "--train-file", "t", "--eval-file", "e",
+                                 "--model_output_dir", "o", "--epochs", "5"])
+    assert args.learning_rate == 1e-4 and args.epochs == 5 and args.batch_size == 16 and args.packing is False
+
+
+def test_a_recipe_with_an_unknown_key_is_refused_by_name(tmp_path, capsys):
+    import fine_tune
+
+    recipe = write_recipe(tmp_path / "r.yaml", lerning_rate=1e-4)
+    with pytest.raises(SystemExit):
+        fine_tune.parse_args(["--config", str(recipe), "--train-file", "t", "--eval-file", "e", "--model_output_dir", "o"])
+    assert "lerning_rate" in capsys.readouterr().err
+
+
+def test_the_tutorial_recipe_holds_the_tutorials_values():
+    import yaml
+
+    recipe = yaml.safe_load((PROJECT_DIR / "recipes/phi-3.5-mini/sft/config_tutorial.yaml").read_text())
+    assert recipe == {**recipe, "model_name": "microsoft/Phi-3.5-mini-instruct", "epochs": 3, "learning_rate": 5e-6,
+                      "lr_scheduler": "cosine", "warmup_ratio": 0.2, "batch_size": 4, "grad_accum": 1,
+                      "max_length": 2048, "packing": True, "gradient_checkpointing": True, "seed": 0,
+                      "eval_strategy": "epoch", "logging_steps": 20, "save_steps": 500}
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(PROJECT_DIR)) for p in (PROJECT_DIR / "recipes").rglob("*.yaml")))
+def test_every_recipe_parses(recipe):
+    import fine_tune
+
+    args = fine_tune.parse_args(["--config", recipe, "--train-file", "t", "--eval-file", "e", "--model_output_dir", "o"])
+    assert args.config == Path(recipe) and args.model_name
 
 
 def test_option_problems_are_not_data_errors(tmp_path):

@@ -115,12 +115,12 @@ def test_a_failed_export_is_a_warning_and_the_job_keeps_its_model(monkeypatch, t
 def test_the_job_command_carries_the_export_settings(monkeypatch):
     import setup_ml
 
-    command = setup_ml.training_command("t", "e", "o")
+    command = setup_ml.training_command(config.TINY_RECIPE, "t", "e", "o")
     assert command[command.index("--onnx-min-identical") + 1] == str(config.ONNX_MIN_IDENTICAL_ANSWERS)
     assert "--onnx-export" in command
     monkeypatch.setattr(config, "ONNX_EXPORT", False)
     monkeypatch.setattr(config, "ONNX_MAX_PERPLEXITY_INCREASE", 0.05)
-    command = setup_ml.training_command("t", "e", "o")
+    command = setup_ml.training_command(config.TINY_RECIPE, "t", "e", "o")
     assert "--no-onnx-export" in command and "--onnx-export" not in command
     assert command[command.index("--onnx-max-perplexity-increase") + 1] == "0.05"
     args = fine_tune.parse_args(command[1:])

@@ -137,3 +137,11 @@ def test_tests_never_import_the_benchmarks():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(name.split(".")[0] == "bench" for name in names), path.name
+
+
+def test_the_training_jobs_generation_params_are_the_contracts():
+    # fine_tune.py runs in a job that uploads finetuning_dir/ alone, so it keeps a copy of the contract's defaults.
+    import fine_tune
+    from scoring_dir.contract import PARAMS
+
+    assert fine_tune.GENERATION_PARAMS == PARAMS

@@ -59,7 +59,6 @@ GPU_DEFAULTS = {
     "AZURE_COMPUTE_MIN_INSTANCES": 0,
     "AZURE_COMPUTE_MAX_INSTANCES": 1,
     "AZURE_COMPUTE_IDLE_SECONDS": 300,
-    "AZURE_BASE_MODEL_NAME": BASE_MODEL,
     "AZURE_ENVIRONMENT_NAME": "phi-3-training-environment",
     "AZURE_EXPERIMENT_NAME": "phi-3-fine-tuning",
     "JOB_NAME": "",
@@ -199,10 +198,12 @@ def test_job_command_inputs_outputs(client, azure, capsys):
     job = submitted(client)
     assert job.name == JOB
     assert job.command.startswith("python fine_tune.py ")
-    for part in ("--train-file ${{inputs.train_file}}", "--eval-file ${{inputs.eval_file}}",
-                 "--model_output_dir ${{outputs.model_output}}", f"--model-name {BASE_MODEL}"):
+    for part in ("--config ${{inputs.recipe}}", "--train-file ${{inputs.train_file}}",
+                 "--eval-file ${{inputs.eval_file}}", "--model_output_dir ${{outputs.model_output}}"):
         assert part in job.command
+    assert "--model-name" not in job.command  # the recipe names the model
     assert {k: (v.type, v.path) for k, v in job.inputs.items()} == {
+        "recipe": ("uri_file", str(PROJECT_DIR / "recipes/phi-3.5-mini/sft/config_tutorial.yaml")),
         "train_file": ("uri_file", str(azure.train)),
         "eval_file": ("uri_file", str(azure.test)),
     }
@@ -251,7 +252,7 @@ def test_entities_pass_the_sdk_schemas(client, monkeypatch, tmp_path, capsys, no
     assert loaded_job.type == "command"
     assert loaded_job.command == job.command
     assert loaded_job.resources.instance_count == nodes
-    assert set(loaded_job.inputs) == {"train_file", "eval_file"} and set(loaded_job.outputs) == {"model_output"}
+    assert set(loaded_job.inputs) == {"recipe", "train_file", "eval_file"} and set(loaded_job.outputs) == {"model_output"}
     if processes > 1:
         assert loaded_job.distribution.process_count_per_instance == processes
 
@@ -286,6 +287,20 @@ def test_dry_run_refuses_a_job_with_an_unknown_binding(azure, monkeypatch, capsy
     assert code == 1
     assert "does not validate" in err and "inputs.nope" in err
     assert "Dry run: nothing was submitted." not in out
+
+
+def test_the_azure_job_and_the_local_job_run_the_same_recipe_command(client, azure, capsys, monkeypatch):
+    import yaml
+
+    from stand_ins import job_runner
+
+    assert run_main(capsys)[0] == 0
+    azure_command = submitted(client).command.split()
+    local = job_runner.local_job_command("j", setup_ml.training_command(config.shown(config.RECIPE), "t", "e", "o"),
+                                         build=False)
+    assert azure_command[1:4] == ["fine_tune.py", "--config", "${{inputs.recipe}}"]
+    assert local[1].endswith("finetuning_dir/fine_tune.py") and local[2:4] == ["--config", config.shown(config.RECIPE)]
+    assert yaml.safe_load(config.RECIPE.read_text())["model_name"] == BASE_MODEL  # TARGET=azure: the tutorial's
 
 
 # --- Streaming and how the job ended --------------------------------------------------------------------
