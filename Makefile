@@ -22,7 +22,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: venv venv-gpu pf-config demo test chat studio eval bench clean
+.PHONY: venv venv-gpu pf-config demo test test-fast chat studio eval bench clean
 
 venv: $(STAMP) pf-config
 
@@ -48,6 +48,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest
+
+# The fast loop while you edit: every module's logic, without the slow tests (servers, venvs, the browser, real
+# training runs; pytest.ini's `slow` marker). `make test` (CI) runs everything.
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
 
 # The chat page of step 4 (Prompt flow 1.18.5's default flask engine serves a broken page; fastapi works).
 chat: venv

@@ -17,13 +17,6 @@ README = PROJECT_DIR / "README.md"
 PAGES = [README, *sorted((PROJECT_DIR / "docs").glob("*.md"))]
 README_MAX_BYTES = 12_000  # issue 21: a README read to the end; everything else has its page under docs/
 
-# TODO(lead): remove after merge. Paths and make targets of the new layout that other branches of issue 21 create.
-EXPECTED_AFTER_MERGE = {
-    "helpers", "helpers/errors.py", "helpers/files.py", "helpers/job_record.py", "helpers/azure_ml.py",
-    "helpers/metrics.py", "serverless", "recipes", "scoring_dir/contract.py", "finetuning_dir/reporting.py",
-    "make test-fast",
-}
-
 # Programs a page may show whose commands this test does not check: outside tools and shell built-ins.
 EXTERNAL_PROGRAMS = {"az", "pf", "pip", "git", "cp", "cd", "curl", "export", "source", "mlflow", "torchrun",
                      "wc", "ls", "cat", "rm", "mkdir", "sudo", "apt-get", "chromium", "sh",
@@ -72,7 +65,7 @@ def anchors(markdown_file):
 def exists(relative_path):
     """A path of the repository exists, or will once issue 21's branches are merged."""
     relative_path = relative_path.strip("/").removeprefix("./")
-    return (PROJECT_DIR / relative_path).exists() or relative_path in EXPECTED_AFTER_MERGE
+    return (PROJECT_DIR / relative_path).exists()
 
 
 def relative_links(page):
@@ -91,7 +84,7 @@ def link_problems(page):
     for target, anchor in relative_links(page):
         path = (page.parent / target).resolve() if target else page
         relative = path.relative_to(PROJECT_DIR).as_posix() if path.is_relative_to(PROJECT_DIR) else str(path)
-        if not (path.exists() or relative in EXPECTED_AFTER_MERGE):
+        if not path.exists():
             problems.append(f"{target}: no such file")
         elif anchor and path.suffix == ".md" and path.exists() and anchor not in set(anchors(path)):
             problems.append(f"{target}#{anchor}: no such heading in {relative}")
@@ -171,7 +164,7 @@ def command_problem(words, targets, strict):
         return None
     if program == "make":
         missing = [target for target in arguments if not target.startswith("-") and "=" not in target
-                   and target not in targets and f"make {target}" not in EXPECTED_AFTER_MERGE]
+                   and target not in targets]
         return f"make {' '.join(missing)}: no such target in the Makefile" if missing else None
     if strict and program not in EXTERNAL_PROGRAMS:
         return f"{program}: not a command this test knows (add it to EXTERNAL_PROGRAMS if it is an outside tool)"
