@@ -1,6 +1,7 @@
 """Step 2 — fine-tune: set up the training environment and compute, run the fine-tuning job, stream its log.
 
     python setup_ml.py                          # local: trains the tiny Phi-3 on this machine (~30 s)
+    python setup_ml.py --cancel                 # local: cancels a job an interrupted run left running
     TARGET=azure python setup_ml.py             # Azure ML: A100 cluster, command job, log streamed here
     TARGET=azure python setup_ml.py --dry-run   # builds and validates the job, no network call
     TARGET=serverless python setup_ml.py        # Azure AI Foundry's serverless fine-tuning (serverless/)
@@ -210,6 +211,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="build and validate everything, run or submit nothing")
     parser.add_argument("--job-name", default=None, help="name for the job (default: JOB_NAME, or generated)")
+    parser.add_argument("--cancel", action="store_true", help="local: cancel the job a previous run left running")
     return parser.parse_args(argv)
 
 
@@ -221,6 +223,8 @@ def main(argv=None):
         if config.TARGET == "local":  # this machine stands in for the cluster: stand_ins/job_runner.py
             from stand_ins import job_runner
 
+            if args.cancel:
+                return job_runner.cancel_running_job()
             if not args.dry_run:
                 check_data_files()
             model_output = job_runner.job_folder(job_name) / "model_output"

@@ -17,7 +17,9 @@ and perplexity before -> after, train loss, tokens/s, wall time) and logs it to 
 
 import argparse
 import atexit
+import errno
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -37,6 +39,16 @@ TUTORIAL_BASE_MODEL = "microsoft/Phi-3.5-mini-instruct"
 GENERATION_PARAMS = {"max_new_tokens": 128, "temperature": 0.7, "top_p": 1.0, "do_sample": False, "return_full_text": False}
 # What the saved model needs to load and serve; pinned to the versions that trained it.
 MODEL_REQUIREMENTS = ("torch", "transformers", "accelerate", "tokenizers", "safetensors", "mlflow")
+
+
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # no space, a file-size limit, a quota
+
+
+def is_disk_full(error):
+    """True for a write refused for room: an OSError, or the same error as a Rust library (safetensors) words it."""
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL
+    return any(f"(os error {code})" in str(error) for code in DISK_FULL)
 
 
 class UsageError(ValueError):
@@ -372,7 +384,15 @@ def run(args):
         return 0
 
     # --- Save the model first: nothing after this may lose it ---
-    save_mlflow_model(plain_model(trainer.model, args), tokenizer, args.model_output_dir)
+    try:
+        save_mlflow_model(plain_model(trainer.model, args), tokenizer, args.model_output_dir)
+    except Exception as error:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+        if not is_disk_full(error):
+            raise
+        shutil.rmtree(args.model_output_dir, ignore_errors=True)  # half a model must never be registered
+        print(f"error: no room to save the model in {args.model_output_dir} ({error}): free some disk space and run "
+              "the job again; nothing was kept.", file=sys.stderr)
+        return 4
 
     # --- Export it for CPUs (optional: a failure is a warning) ---
     onnx_record = export_for_cpus(args) if args.onnx_export else None

@@ -5,6 +5,7 @@ setup_ml.py writes it (local and Azure jobs alike); deploy_model.py and the benc
 """
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +42,28 @@ def read_last_job():
     return record
 
 
+def job_is_running(record):
+    """True while a recorded local job runs: its process (the very one: pid and start time match), or any process
+    of its process group (the training outlives a job process that was killed)."""
+    import psutil
+
+    pid = record.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        if abs(psutil.Process(pid).create_time() - record.get("create_time", 0)) < 0.01:
+            return True
+    except psutil.Error:
+        pass
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getpgid(process.pid) == pid and "fine_tune.py" in " ".join(process.info["cmdline"] or []):
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
 def find_job(job_name, target):
     """The job to deploy: `job_name`, or the one setup_ml.py recorded (which must have completed)."""
     record = read_last_job()
@@ -52,6 +75,13 @@ def find_job(job_name, target):
         raise StepError(f"The last job, {record['name']}, ran with TARGET={record.get('target')}, not {target}: "
                         "run setup_ml.py for this target, or pass --job-name.")
     status = record.get("status")
+    if status in UNFINISHED and target == "local" and not job_is_running(record):
+        raise StepError(f"The last job, {record['name']}, was interrupted before it ended (its process is gone): "
+                        "run `python setup_ml.py` again.")
+    if status in UNFINISHED and target == "local":
+        raise StepError(f"The last job, {record['name']}, is still running on this machine (pid {record['pid']}): "
+                        f"wait until it has completed (`tail -f {record.get('job_dir', 'outputs/jobs/' + record['name'])}"
+                        "/log.txt`), then run `python deploy_model.py` again.")
     if status in UNFINISHED:  # rerunning setup_ml.py now would start a second job beside this one
         raise StepError(f"The last job, {record['name']}, is still {status}: wait until it has completed "
                         f"({record.get('studio_url') or 'see the studio'}), then run `python deploy_model.py` again.")

@@ -7,10 +7,17 @@ the job is finetuning_dir/fine_tune.py with the same command line as the Azure j
 on this machine's base model (LOCAL_BASE_MODEL, by default the tiny Phi-3). Its log, checkpoints and MLflow
 model land in outputs/jobs/<job name>/; the job is recorded in outputs/last_job.json, where deploy_model.py
 finds it. A job folder is never reused.
+
+Like an Azure job, the job is a process of its own (`python -m stand_ins.job_runner JOB -- COMMAND`, in its own
+process group) that records when it runs and how it ended; setup_ml.py follows its log. Ctrl+C in setup_ml.py
+cancels it; if setup_ml.py dies instead, the job goes on and still records its end. One job at a time: while a
+recorded job runs, setup_ml.py says so (follow its log, or `python setup_ml.py --cancel`) and starts no other.
 """
 
+import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -18,11 +25,15 @@ from collections import deque
 from pathlib import Path
 
 import config
-from helpers.job_record import record_job
+from helpers.errors import LOG_TAIL_LINES, StepError, exit_code, print_tail
+from helpers.job_record import read_last_job, record_job
 from stand_ins import tiny_model
-from helpers.errors import LOG_TAIL_LINES, StepError, print_tail
 
 FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"
+FOLLOW_EVERY_S = 0.2  # how often setup_ml.py reads new lines of the job's log
+CANCEL_GRACE_S = 30  # after SIGTERM, how long a cancelled job has to end before it is killed
+
+
 def job_folder(job_name):
     """Where a local job keeps its log, checkpoints and model_output."""
     return Path(config.JOBS_DIR) / job_name
@@ -71,46 +82,162 @@ def local_job_command(job_name, training_args, build=True):
     return [sys.executable, *script]
 
 
-def stream_process(command, log_path, env):
-    """Run `command`, echo its output and keep it in `log_path`; returns (exit code, last lines)."""
-    tail = deque(maxlen=LOG_TAIL_LINES)
-    with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, encoding="utf-8",
-        errors="replace", cwd=config.PROJECT_DIR,
-    ) as process:
-        for line in process.stdout:
-            print(line, end="", flush=True)
-            log.write(line)
-            tail.append(line.rstrip("\n"))
-    return process.returncode, tail
-
-
+# --- setup_ml.py's side: start the job, follow its log, cancel it ------------------------------------------
 def run_local_job(job_name, training_args, dry_run=False):
-    """Run the job as a local process and record how it ended; returns the step's exit code."""
+    """Start the job, follow its log until it ends, report how it ended; returns the step's exit code."""
     job_dir = job_folder(job_name)
     if dry_run:  # nothing is built, written or started
         print("Local job command:\n  " + " ".join(local_job_command(job_name, training_args, build=False)))
         return 0
+    refuse_a_second_job()
     if job_dir.exists():
         raise StepError(f"{config.shown(job_dir)} already exists: choose another JOB_NAME (jobs are never overwritten).")
     command = local_job_command(job_name, training_args)
     job_dir.mkdir(parents=True)
-    env = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # progress bars are noise in a streamed job log
-           **os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": config.MLFLOW_TRACKING_URI,
-           "MLFLOW_EXPERIMENT_NAME": config.AZURE_EXPERIMENT_NAME, "FINETUNE_RUN_NAME": job_name}
     print(f"Running job {job_name} on this machine ({config.PROCESSES_PER_NODE} process(es)); "
           f"log: {config.shown(job_dir / 'log.txt')}")
     started = time.perf_counter()
+    process = start_job(job_name, command)
     try:
-        code, tail = stream_process(command, job_dir / "log.txt", env)
+        tail = follow_log(process, job_dir / "log.txt")
     except KeyboardInterrupt:
+        cancel(process.pid)
+        process.wait()
         print(f"\nJob {job_name} cancelled; its folder {config.shown(job_dir)} is kept.", file=sys.stderr)
         return 130
-    status = "Completed" if code == 0 else "Failed"
-    record_job(job_name, "local", status, job_dir=config.shown(job_dir), model_output=config.shown(job_dir / "model_output"))
-    if code != 0:
-        print(f"Job {job_name} failed (exit code {code}) after {time.perf_counter() - started:.0f} s.", file=sys.stderr)
+    status = (read_last_job() or {}).get("status")
+    seconds = time.perf_counter() - started
+    if status != "Completed":
+        print(f"Job {job_name} {status.lower() if status else 'failed'} (exit code {process.returncode}) after "
+              f"{seconds:.0f} s.", file=sys.stderr)
         print_tail(tail, "log.txt")
         return 1
-    print(f"Job {job_name} completed in {time.perf_counter() - started:.0f} s. Next: python deploy_model.py")
+    print(f"Job {job_name} completed in {seconds:.0f} s. Next: python deploy_model.py")
     return 0
+
+
+def start_job(job_name, command):
+    """The job's process (`python -m stand_ins.job_runner`), in a process group of its own, writing only to its
+    log (it may outlive this terminal); returns the Popen."""
+    with open(job_folder(job_name) / "log.txt", "a", encoding="utf-8") as log:
+        return subprocess.Popen([sys.executable, "-m", "stand_ins.job_runner", job_name, "--", *command],
+                                cwd=config.PROJECT_DIR, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def follow_log(process, log_path):
+    """Echo the job's log as it grows until the job's process ends; returns its last lines."""
+    tail, position = deque(maxlen=LOG_TAIL_LINES), 0
+    while True:
+        ended = process.poll() is not None  # read once more after the end: the last lines
+        if log_path.is_file():
+            with open(log_path, encoding="utf-8", errors="replace") as log:
+                log.seek(position)
+                text = log.read()
+                position = log.tell()
+            print(text, end="", flush=True)
+            tail.extend(text.splitlines())
+        if ended:
+            return tail
+        time.sleep(FOLLOW_EVERY_S)
+
+
+def running_jobs():
+    """{job name: pid of its process group} of this project's local jobs that still run, found by their command lines
+    (their paths are under JOBS_DIR): a job just started, or whose own process was killed, counts too."""
+    import psutil
+
+    jobs_dir, found = str(config.JOBS_DIR), {}
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if jobs_dir not in " ".join(cmdline) or process.pid == os.getpid():
+            continue
+        try:
+            if "stand_ins.job_runner" in cmdline:
+                found[cmdline[cmdline.index("stand_ins.job_runner") + 1]] = os.getpgid(process.pid)
+            elif any(part.endswith("fine_tune.py") for part in cmdline):
+                name = Path(cmdline[cmdline.index("--model_output_dir") + 1]).parent.name
+                found.setdefault(name, os.getpgid(process.pid))
+        except (OSError, ValueError, IndexError):  # ended meanwhile, or not a job's command line after all
+            continue
+    return found
+
+
+def refuse_a_second_job():
+    """StepError while a local job still runs: two trainings would share (or, on a GPU, exhaust) this machine."""
+    jobs = running_jobs()
+    if jobs:
+        name, pid = next(iter(jobs.items()))
+        log = config.shown(job_folder(name) / "log.txt")
+        raise StepError(f"Job {name} is still running on this machine (pid {pid}): follow it with `tail -f {log}`, or "
+                        "cancel it with `python setup_ml.py --cancel`; then run `python setup_ml.py` again.")
+
+
+def cancel(pid):
+    """Stop a job's process group: SIGTERM, then SIGKILL after CANCEL_GRACE_S; the job records itself Canceled."""
+    import psutil
+
+    try:
+        os.killpg(pid, signal.SIGTERM)  # the job and its training processes (torchrun's workers too)
+        psutil.Process(pid).wait(CANCEL_GRACE_S)
+    except psutil.TimeoutExpired:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        pass
+
+
+def cancel_running_job():
+    """`python setup_ml.py --cancel`: cancel the local jobs that still run; returns the exit code."""
+    jobs = running_jobs()
+    if not jobs:
+        print("No local job is running.")
+        return 0
+    for name, pid in jobs.items():
+        print(f"Cancelling job {name} (pid {pid}) ...")
+        cancel(pid)
+        record = read_last_job() or {}
+        if record.get("name") == name and record.get("status") == "Running":  # its own process was gone
+            record_job(name, "local", "Canceled", **{k: record[k] for k in ("job_dir", "model_output") if k in record})
+        print(f"Job {name}: {(read_last_job() or {}).get('status', 'ended')}.")
+    return 0
+
+
+# --- The job's side: run the training, recorded ---------------------------------------------------------------
+def run_recorded(job_name, command):
+    """The job itself: record it Running (with this pid), run the training into log.txt, record how it ended."""
+    import psutil
+
+    job_dir = job_folder(job_name)
+    details = {"job_dir": config.shown(job_dir), "model_output": config.shown(job_dir / "model_output")}
+    env = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # progress bars are noise in a streamed job log
+           **os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": config.MLFLOW_TRACKING_URI,
+           "MLFLOW_EXPERIMENT_NAME": config.AZURE_EXPERIMENT_NAME, "FINETUNE_RUN_NAME": job_name}
+    record_job(job_name, "local", "Running", pid=os.getpid(), create_time=psutil.Process().create_time(), **details)
+    # A cancel signals the whole process group: the training ends, this process stays to record it (a handler, not
+    # SIG_IGN, so the training does not inherit the ignoring).
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    with open(job_dir / "log.txt", "a", encoding="utf-8") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                               cwd=config.PROJECT_DIR)
+    status = "Completed" if code == 0 else "Canceled" if code in (-signal.SIGTERM, -signal.SIGKILL) else "Failed"
+    record_job(job_name, "local", status, exit_code=code, **details)
+    return 0 if code == 0 else 1
+
+
+def main(argv=None):
+    """`python -m stand_ins.job_runner JOB -- COMMAND...`: what setup_ml.py starts; you do not need to run it."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("job_name")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the training command")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no training command after --")
+    try:
+        return run_recorded(args.job_name, command)
+    except StepError as error:
+        return exit_code(error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -161,7 +161,7 @@ def test_job_submission_sends_environment_code_data_and_the_command(service, cap
     assert sent["jobType"] == "Command"
     assert sent["computeId"].endswith(f"/workspaces/ws-phi3-tests/computes/{COMPUTE}")
     assert sent["environmentId"] == calls[environment].path  # the version just registered, not a new one
-    assert sent["command"].startswith("python fine_tune.py --train-file ${{inputs.train_file}}")
+    assert sent["command"].startswith("python fine_tune.py --config ${{inputs.recipe}} --train-file ${{inputs.train_file}}")
     assert "--model_output_dir ${{outputs.model_output}}" in sent["command"]
     assert sent["outputs"]["model_output"]["jobOutputType"] == "mlflow_model"
     assert sent["experimentName"] == "phi-3-fine-tuning"
@@ -169,7 +169,8 @@ def test_job_submission_sends_environment_code_data_and_the_command(service, cap
     assert service.calls("PUT", sent["codeId"].split("/workspaces/ws-phi3-tests", 1)[1])
     code_blobs = [name for (_, name) in service.blobs if name.endswith("finetuning_dir/fine_tune.py")]
     assert code_blobs, "finetuning_dir was not uploaded"
-    for name, path in (("train_file", config.TRAIN_DATA_PATH), ("eval_file", config.TEST_DATA_PATH)):
+    for name, path in (("recipe", config.RECIPE), ("train_file", config.TRAIN_DATA_PATH),
+                       ("eval_file", config.TEST_DATA_PATH)):  # the recipe travels like the data
         assert sent["inputs"][name]["jobInputType"] == "uri_file"
         assert datastore_blob(service, sent["inputs"][name]["uri"]) == Path(path).read_bytes()
     assert f"RunId: {JOB}" in out  # streamed by the SDK

@@ -50,10 +50,11 @@ def project(tmp_path, trained_model_dir):
     run_script("cleanup.py", env=env)
 
 
-def step(env, script, fault=None, expect=0):
+def step(env, script, *args, fault=None, expect=0, fault_bytes=0):
     """Run a step in `env` (with a fault, when given); returns the CompletedProcess after checking its exit."""
-    faults = {"PYTHONPATH": str(FAULTS_DIR), "FINETUNE_PHI_FAULT": fault} if fault else {}
-    result = run_script(script, env={**env, **faults}, timeout=300)
+    faults = {"PYTHONPATH": str(FAULTS_DIR), "FINETUNE_PHI_FAULT": fault,
+              "FINETUNE_PHI_FAULT_BYTES": str(fault_bytes)} if fault else {}
+    result = run_script(script, *args, env={**env, **faults}, timeout=300)
     assert result.returncode == expect, f"{script} ({fault}) exited {result.returncode}:\n{result.stdout[-2000:]}\n" \
                                         f"{result.stderr[-2000:]}"
     return result
@@ -157,3 +158,95 @@ def after_seed_7(tmp_path):
     if not Path(env["TRAIN_DATA_PATH"]).is_file():
         assert run_script("download_dataset.py", "--seed", "7", env=env).returncode == 0
     return Path(env["TRAIN_DATA_PATH"]).read_bytes()
+
+
+# --- Step 2, local: one job at a time, whatever dies ------------------------------------------------------------
+def trainings(env):
+    """Pids of the fine_tune.py processes training for this sandbox (not the job processes that run them)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline[1:2] and cmdline[1].endswith("fine_tune.py") and env["JOBS_DIR"] in " ".join(cmdline):
+            found.append(process.pid)
+    return found
+
+
+def last_job(env):
+    """outputs/last_job.json of the sandbox ({} before a job has recorded itself)."""
+    path = Path(env["LAST_JOB_FILE"])
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def wait_until_ended(env, timeout_s=300):
+    """Wait for the recorded job to record its end (it outlived the step that started it)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while last_job(env).get("status") in (None, "Running") and time.monotonic() < deadline:
+        time.sleep(1)
+    return last_job(env).get("status")
+
+
+@pytest.fixture
+def data_ready(tmp_path):
+    """A throwaway project with step 1 done."""
+    env = isolated_env(tmp_path)
+    step(env, "download_dataset.py")
+    yield env
+    for pid in trainings(env):
+        psutil.Process(pid).kill()
+    run_script("cleanup.py", env=env)
+
+
+def test_setup_ml_killed_after_the_job_started_leaves_one_job_and_the_next_steps_wait_for_it(data_ready):
+    env = data_ready
+    step(env, "setup_ml.py", fault="kill:after:stand_ins.job_runner:start_job", expect=-signal.SIGKILL)
+
+    again = step(env, "setup_ml.py", expect=1)  # a second job would share (or, on a GPU, exhaust) the machine
+    assert "is still running on this machine" in again.stderr and "python setup_ml.py --cancel" in again.stderr
+    assert len(trainings(env)) <= 1
+    deploy = run_script("deploy_model.py", env=env)  # the job may have ended meanwhile: then it deploys
+    assert deploy.returncode == 0 or "still running" in deploy.stderr or "No fine-tuning job" in deploy.stderr
+
+    assert wait_until_ended(env) == "Completed", "the job outlived its step and recorded its end"
+    step(env, "deploy_model.py")
+    assert isinstance(answer(env), str)
+
+
+def test_a_job_process_killed_mid_training_is_seen_as_interrupted_and_the_rerun_trains_again(data_ready):
+    env = data_ready
+    # The job's own process dies just after recording itself Running; its training goes on, unrecorded.
+    step(env, "setup_ml.py", fault="kill:after:helpers.job_record:record_job", expect=1)
+    refused = step(env, "setup_ml.py", expect=1) if trainings(env) else None  # the orphan training still counts
+    assert refused is None or "is still running" in refused.stderr
+    for pid in trainings(env):
+        psutil.Process(pid).wait(300)
+    deploy = step(env, "deploy_model.py", expect=1)
+    assert "was interrupted" in deploy.stderr and "python setup_ml.py" in deploy.stderr
+    step(env, "setup_ml.py")
+    step(env, "deploy_model.py")
+    assert isinstance(answer(env), str)
+
+
+def test_setup_ml_cancel_stops_the_running_job(data_ready):
+    env = data_ready
+    step(env, "setup_ml.py", fault="kill:after:stand_ins.job_runner:start_job", expect=-signal.SIGKILL)
+    result = step(env, "setup_ml.py", "--cancel")
+    assert "Cancelling job" in result.stdout
+    assert wait_until_ended(env, 60) == "Canceled"
+    assert trainings(env) == []
+
+
+def test_a_full_disk_when_the_model_is_saved_fails_the_job_with_a_sentence_and_the_previous_model_serves(project):
+    env = project
+    step(env, "download_dataset.py")
+    # Files of the training process may grow to 1 MB from the model save on: its log can, its weights cannot.
+    result = step(env, "setup_ml.py", fault="full:before:mlflow.transformers:save_model", fault_bytes=1_000_000,
+                  expect=1)
+    assert "no room to save the model" in result.stdout, (result.stdout + result.stderr)[-3000:]
+    assert "Traceback" not in result.stdout
+    assert not Path(last_job(env)["model_output"]).exists(), "no half model is left to register"
+    assert last_job(env)["status"] == "Failed"
+    deploy = step(env, "deploy_model.py", expect=1)
+    assert "is Failed, not Completed" in deploy.stderr
+    assert isinstance(answer(env), str), "the model deployed before keeps serving"

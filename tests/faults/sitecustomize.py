@@ -8,8 +8,9 @@ code knows about it. FINETUNE_PHI_FAULT says what happens where:
     kill:after:stand_ins.endpoint_process:start  ... just after it returns
     kill:after:helpers.files:atomic_write_text:3 ... just after the third call returns
     full:before:helpers.files:write_generated_file
-                                                 from that call on, files can grow no more (RLIMIT_FSIZE at
-                                                 their size: the kernel refuses a write as on a full disk)
+                                                 from that call on, this process can write no file past
+                                                 FINETUNE_PHI_FAULT_BYTES (default 0: none at all; RLIMIT_FSIZE,
+                                                 so the kernel refuses the write as on a full disk)
 
 The function is replaced in its module's namespace as soon as that module has been imported, so the module that
 calls it must look it up there (the form `module:function` names the caller's binding). FINETUNE_PHI_FAULT_MAIN
@@ -34,7 +35,8 @@ def _fault(kind):
     elif kind == "full":
         import resource
 
-        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        limit = int(os.environ.get("FINETUNE_PHI_FAULT_BYTES", "0"))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def _wrap(function, kind, when, nth=1):
@@ -68,6 +70,9 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         loader, finder = spec.loader, self
 
         class Loader(importlib.abc.Loader):
+            def __getattr__(self, name):  # get_code, is_package, ...: `python -m` asks the loader for them
+                return getattr(loader, name)
+
             def create_module(self, spec):
                 return loader.create_module(spec)
 
