@@ -72,9 +72,8 @@ def test_project_uses_no_hard_coded_path_separators():
 
 
 @pytest.mark.parametrize("script", STEPS)
-def test_a_step_script_is_short_and_imports_no_other_step(script):
+def test_a_step_script_imports_no_other_step(script):
     source = (PROJECT_DIR / script).read_text()
-    assert len(source.splitlines()) <= 250, f"{script} has {len(source.splitlines())} lines"
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
