@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   the whole tutorial on this machine (no Azure account, no internet beyond PyPI)
-#   make test   the test suite
+#   make test   the test suite (make test-fast: the fast loop, without the tests marked slow)
 # Both create .venv and install the pinned requirements first (once; again when requirements change).
 
 PYTHON ?= python3
@@ -22,7 +22,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: venv venv-gpu pf-config demo test chat studio eval bench clean
+.PHONY: venv venv-gpu pf-config demo test test-fast chat studio eval bench clean
 
 venv: $(STAMP) pf-config
 
@@ -48,6 +48,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest
+
+# The fast loop, for while you work (< 90 s on 2 cores): every module's logic, without the tests marked slow
+# (the demo, servers, browsers, environment venvs, real training runs; pytest.ini). CI runs `make test`.
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
 
 # The chat page of step 4 (Prompt flow 1.18.5's default flask engine serves a broken page; fastapi works).
 chat: venv
