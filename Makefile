@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   the whole tutorial on this machine (no Azure account, no internet beyond PyPI)
-#   make test   the test suite
+#   make test   the test suite (make test-fast: the fast loop, without the tests marked slow)
 # Both create .venv and install the pinned requirements first (once; again when requirements change).
 
 PYTHON ?= python3
@@ -49,8 +49,8 @@ demo: venv
 test: venv
 	$(PY) -m pytest
 
-# The fast loop while you edit: every module's logic, without the slow tests (servers, venvs, the browser, real
-# training runs; pytest.ini's `slow` marker). `make test` (CI) runs everything.
+# The fast loop, for while you work (< 90 s on 2 cores): every module's logic, without the tests marked slow
+# (the demo, servers, browsers, environment venvs, real training runs; pytest.ini). CI runs `make test`.
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 

@@ -3,6 +3,14 @@
 Settings are environment variables read by config.py at import, so they are set here, before any test
 module imports a script. Nothing a test does touches the user's .env, data/, models/, outputs/ or
 mlflow.db, and no test reaches the network.
+
+Two loops:
+  make test       every test (CI runs this)
+  make test-fast  pytest -m "not slow": each module's logic in under 90 s on 2 cores, for while you work
+A test marked `slow` (pytest.ini) needs `make demo` (the session's demo_run fixture: its model, endpoint or
+data), a server process (the endpoint, pf flow serve, azmlinfsrv, the studio), a browser, an environment file's
+venv, a whole-pipeline run or a real training run. A test that needs demo_run and is not marked slow stops
+the collection (pytest_collection_modifyitems below), so the fast loop never starts the demo.
 """
 
 import contextlib
@@ -148,6 +156,15 @@ def run_script(*args, env=None, timeout=600, cwd=PROJECT_DIR):
         [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs `make demo` (demo_run, directly or through another fixture) must be marked slow."""
+    unmarked = [item.nodeid for item in items
+                if "demo_run" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow")]
+    if unmarked:
+        raise pytest.UsageError("these tests need `make demo` (demo_run) but are not marked "
+                                "@pytest.mark.slow:\n  " + "\n  ".join(unmarked))
 
 
 @pytest.fixture(scope="session")

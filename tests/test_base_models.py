@@ -13,6 +13,9 @@ from conftest import PROJECT_DIR, run_script, write_recipe
 from stand_ins import tiny_model
 from stand_ins.sandbox import isolated_env
 
+# slow: every test needs `make demo`'s data (the autouse fixture below), and most fine-tune or run steps 1-4.
+pytestmark = pytest.mark.slow
+
 FINE_TUNE = PROJECT_DIR / "finetuning_dir" / "fine_tune.py"
 STAND_INS = ["phi-3.5-mini-longrope", "phi-3-mini-4k", "phi-4-mini"]
 QUICK = ["--no-packing", "--no-gradient-checkpointing", "--batch-size", "8", "--eval-strategy", "no",

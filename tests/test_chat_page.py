@@ -12,6 +12,8 @@ import pytest
 
 from conftest import PROJECT_DIR, WORK_DIR, free_port, require_browser, server_process
 
+pytestmark = pytest.mark.slow  # the demo's endpoint, `pf flow serve` and a browser
+
 ANSWER_TIMEOUT_S = 60
 
 

@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 import config
+
+pytestmark = pytest.mark.slow  # `make demo`, the whole tutorial
 
 
 def test_demo_writes_both_data_files_with_the_readme_sizes(demo_run):

@@ -128,6 +128,7 @@ def test_azure_dry_run_as_typed_needs_no_network(tmp_path):
 
 
 # --- What `make demo` left running ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_wrote_env_and_the_tutorials_client_gets_answers(demo_run):
     live = endpoint_state()
     assert live, "make demo left no local endpoint running"
@@ -141,6 +142,7 @@ def test_demo_wrote_env_and_the_tutorials_client_gets_answers(demo_run):
     assert answer.startswith(QUESTION)  # return_full_text, as the tutorial's client asks
 
 
+@pytest.mark.slow
 def test_demo_registered_the_model_with_its_job(demo_run):
     job_name = json.loads(Path(config.LAST_JOB_FILE).read_text())["name"]
     versions = registered_versions()
@@ -149,6 +151,7 @@ def test_demo_registered_the_model_with_its_job(demo_run):
     assert versions[int(live["model_version"])].get("job_name") == job_name == live["job_name"]
 
 
+@pytest.mark.slow
 def test_the_key_is_never_logged_or_printed(demo_run):
     _url, key = env_values()
     assert key not in demo_run.stdout + demo_run.stderr
@@ -157,6 +160,7 @@ def test_the_key_is_never_logged_or_printed(demo_run):
 
 
 # --- Blue/green redeploys -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_redeploy_switches_slot_url_and_key_and_stops_the_old_one(demo_run):
     before = endpoint_state()
     old_url, old_key = env_values()
@@ -186,6 +190,7 @@ def test_redeploy_switches_slot_url_and_key_and_stops_the_old_one(demo_run):
         assert key not in endpoint_logs()
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_to_load_leaves_the_previous_endpoint_serving(demo_run, trained_model_dir):
     model_output = Path(config.JOBS_DIR) / BROKEN_JOB / "model_output"
     shutil.rmtree(model_output, ignore_errors=True)
@@ -215,6 +220,7 @@ def test_a_model_that_fails_to_load_leaves_the_previous_endpoint_serving(demo_ru
     assert "Bill Gates" in tutorial_client(url, key, do_sample=False)
 
 
+@pytest.mark.slow
 def test_a_failed_registration_stops_the_new_slot_and_the_old_one_keeps_serving(demo_run):
     before = endpoint_state()
     env_before = Path(config.ENV_FILE).read_bytes()
@@ -242,6 +248,7 @@ def unrelated_process():
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
+@pytest.mark.slow
 def test_cleanup_leaves_an_unrelated_process_with_a_recorded_pid_alone(demo_run, tmp_path):
     other = unrelated_process()
     folder = tmp_path / "endpoint"
@@ -261,6 +268,7 @@ def test_cleanup_leaves_an_unrelated_process_with_a_recorded_pid_alone(demo_run,
         other.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, content", [("blue.pid", "12x\n"), ("green.pid", '{"pid": "many"}'),
                                            ("state.json", "{not json")])
 def test_a_damaged_pid_or_state_file_is_a_sentence_not_a_traceback(demo_run, tmp_path, name, content):
@@ -305,6 +313,7 @@ def test_deploy_says_the_previous_endpoint_stopped_only_when_it_did(tmp_path, mo
 
 
 # --- cleanup.py, then deploy again: later test modules need the endpoint -------------------------------
+@pytest.mark.slow
 def test_cleanup_stops_the_endpoint_and_is_harmless_twice(demo_run):
     live = endpoint_state()
     try:
@@ -326,6 +335,7 @@ def test_cleanup_stops_the_endpoint_and_is_harmless_twice(demo_run):
     assert "Bill Gates" in tutorial_client(url, key, do_sample=False)
 
 
+@pytest.mark.slow
 def test_deploy_with_a_damaged_state_file_says_what_to_run(demo_run, tmp_path):
     folder = tmp_path / "endpoint"
     folder.mkdir()

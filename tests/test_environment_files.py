@@ -157,6 +157,7 @@ def azure_inference_server(request, trained_model_dir):
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", runtime=request.param, log=WORK_DIR / log_name)
 
 
+@pytest.mark.slow
 def test_azures_inference_server_runs_score_py_from_its_conda_file(azure_inference_server):
     server = azure_inference_server.url
     assert requests.get(server + "/", timeout=10).status_code == 200  # liveness
@@ -174,6 +175,7 @@ def test_azures_inference_server_runs_score_py_from_its_conda_file(azure_inferen
     assert f"with {azure_inference_server.runtime} in" in azure_inference_server.log.read_text()  # score.py's own line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body", [
     '{"input_data": [',
     '{"input_data": ["Hi"], "params": {"max_length": 10}}',
@@ -193,6 +195,7 @@ def test_a_bad_request_gets_the_same_4xx_and_reason_from_azure_and_the_local_end
     assert (on_azure.status_code, on_azure.json()) == (local.status_code, local.json())
 
 
+@pytest.mark.slow
 def test_the_training_job_runs_in_its_conda_file_as_the_command_job_calls_it(tmp_path):
     from stand_ins.tiny_model import ensure_tiny_phi3
 

@@ -145,6 +145,7 @@ def mean(output_dir, label, score):
     return sum(row[score] for row in read_rows(output_dir / label / "rows.jsonl")) / LIMIT
 
 
+@pytest.mark.slow
 def test_evaluation_writes_rows_and_tables(comparison):
     result, output_dir = comparison
     assert len(read_rows(output_dir / "questions.jsonl")) == LIMIT
@@ -160,6 +161,7 @@ def test_evaluation_writes_rows_and_tables(comparison):
     assert "| metric | fine-tuned | base |" in result.stdout  # printed, too
 
 
+@pytest.mark.slow
 def test_fine_tuning_beats_the_base_model(comparison):
     _, output_dir = comparison
     for score, margin in (("f1_score", 0.2), ("rouge_l", 0.1)):
@@ -167,6 +169,7 @@ def test_fine_tuning_beats_the_base_model(comparison):
         assert fine_tuned > base + margin, (score, fine_tuned, base)
 
 
+@pytest.mark.slow
 def test_the_comparison_picture_is_a_png_drawn_by_matplotlib(comparison):
     result, output_dir = comparison
     picture = output_dir / "comparison.png"
@@ -178,6 +181,7 @@ def test_the_comparison_picture_is_a_png_drawn_by_matplotlib(comparison):
     assert f"the picture: {picture}" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # MLflow 3.17's SQL store's
 def test_each_endpoint_is_an_mlflow_run_with_its_metrics_and_table(comparison):
     import mlflow
@@ -203,6 +207,7 @@ def test_each_endpoint_is_an_mlflow_run_with_its_metrics_and_table(comparison):
     assert len(table) == 2 * LIMIT and {"question", "reference", "answer", "f1_score", "rouge_l"} <= set(table.columns)
 
 
+@pytest.mark.slow
 def test_the_temporary_base_endpoint_is_stopped(comparison):
     _, output_dir = comparison
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/score", (output_dir / "base" / "summary.md").read_text())[1])
@@ -210,6 +215,7 @@ def test_the_temporary_base_endpoint_is_stopped(comparison):
         assert sock.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"
 
 
+@pytest.mark.slow
 def test_no_key_in_output_results_or_run_records(comparison):
     result, output_dir = comparison
     key = read_env_file()["AZURE_ML_API_KEY"]
@@ -219,6 +225,7 @@ def test_no_key_in_output_results_or_run_records(comparison):
     assert not leaked, f"the endpoint key is in {leaked}"
 
 
+@pytest.mark.slow
 def test_batch_run_snapshots_leave_out_secrets_and_generated_folders(comparison):
     # Prompt flow copies the flow folder (the project) into every batch run; .amlignore says what to leave out.
     snapshots = list((WORK_DIR / ".pf" / ".runs").glob("*/snapshot"))

@@ -43,11 +43,13 @@ def pyfunc_model(trained_model_dir):
 
 
 # --- the demo's fine-tune -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_learns_eval_loss_falls_below_half(demo_run):
     before, after = summary_losses(demo_run.stdout)
     assert after < before / 2
 
 
+@pytest.mark.slow
 def test_metrics_are_logged_to_the_local_mlflow_store(demo_run):
     database = config.MLFLOW_TRACKING_URI.removeprefix("sqlite:///")
     with sqlite3.connect(database) as db:
@@ -58,17 +60,20 @@ def test_metrics_are_logged_to_the_local_mlflow_store(demo_run):
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] / 2
 
 
+@pytest.mark.slow
 def test_mlflow_model_answers_a_training_question(pyfunc_model):
     answer = pyfunc_model.predict(["Who founded Microsoft?"], params={"max_new_tokens": 40})[0]
     assert "Bill Gates and Paul Allen" in answer
 
 
+@pytest.mark.slow
 def test_max_new_tokens_param_is_honoured(pyfunc_model):
     short = pyfunc_model.predict(["Who founded Microsoft?"], params={"max_new_tokens": 3})[0]
     long = pyfunc_model.predict(["Who founded Microsoft?"], params={"max_new_tokens": 40})[0]
     assert len(short) < len(long) / 3
 
 
+@pytest.mark.slow
 def test_signature_has_params_schema_and_requirements_are_pinned(trained_model_dir):
     import mlflow
 
@@ -79,6 +84,7 @@ def test_signature_has_params_schema_and_requirements_are_pinned(trained_model_d
     assert any(line.startswith("transformers==") for line in requirements)
 
 
+@pytest.mark.slow
 def test_model_files_load_with_plain_transformers(trained_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,6 +96,7 @@ def test_model_files_load_with_plain_transformers(trained_model_dir):
     assert "Bill Gates" in tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_job_folder_keeps_log_and_checkpoints_apart_from_the_model(trained_model_dir):
     job_dir = trained_model_dir.parent
     assert (job_dir / "log.txt").is_file() and "Fine-tuning summary" in (job_dir / "log.txt").read_text()
@@ -97,6 +104,7 @@ def test_job_folder_keeps_log_and_checkpoints_apart_from_the_model(trained_model
 
 
 # --- several processes, resume ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_from_checkpoint_continues_from_the_saved_step(tmp_path):
     first = fine_tune(tmp_path, "--max-steps", "4", "--save-steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -134,12 +142,14 @@ def test_bad_data_is_one_clear_error_naming_file_and_line(tmp_path, content, exp
 
 
 # --- setup_ml.py, the user's command ------------------------------------------------------------------
+@pytest.mark.slow
 def test_setup_ml_records_the_job_for_deploy_model(demo_run):
     record = json.loads(Path(config.LAST_JOB_FILE).read_text())
     assert record["target"] == "local" and record["status"] == "Completed"
     assert record["name"].startswith("finetune-phi-")
 
 
+@pytest.mark.slow
 def test_setup_ml_with_two_processes_per_node_runs_torchrun_and_writes_exactly_one_model(tmp_path):
     env = {"PROCESSES_PER_NODE": "2", "RECIPE": str(write_recipe(tmp_path / "short.yaml", epochs=0.2)),
            "JOBS_DIR": str(tmp_path / "jobs"),
@@ -173,9 +183,9 @@ def test_a_base_model_of_your_own_is_used_as_it_is(tmp_path):
 
 
 def test_setup_ml_failed_job_exits_non_zero_with_log_tail(tmp_path):
-    env = {"TRAIN_DATA_PATH": str(tmp_path / "bad.jsonl"), "JOBS_DIR": str(tmp_path / "jobs"),
-           "LAST_JOB_FILE": str(tmp_path / "last_job.json"), "JOB_NAME": "bad-job"}
-    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    env = {"TRAIN_DATA_PATH": str(tmp_path / "bad.jsonl"), "TEST_DATA_PATH": str(tmp_path / "bad.jsonl"),
+           "JOBS_DIR": str(tmp_path / "jobs"), "LAST_JOB_FILE": str(tmp_path / "last_job.json"), "JOB_NAME": "bad-job"}
+    (tmp_path / "bad.jsonl").write_text("{oops\n")  # both files here: the test needs no other test's data
     result = run_script("setup_ml.py", env=env)
     assert result.returncode == 1
     assert "Job bad-job failed" in result.stderr and "not valid JSON" in result.stderr
@@ -187,12 +197,14 @@ def test_setup_ml_without_data_says_to_run_step_one(tmp_path):
     assert result.returncode == 1 and "python download_dataset.py" in result.stderr
 
 
+@pytest.mark.slow
 def test_job_names_are_never_reused(demo_run):
     name = json.loads(Path(config.LAST_JOB_FILE).read_text())["name"]
     result = run_script("setup_ml.py", "--job-name", name, env={"LAST_JOB_FILE": os.devnull + ".unused"})
     assert result.returncode == 1 and "already exists" in result.stderr
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_and_writes_a_plain_merged_model(tmp_path):
     result = fine_tune(tmp_path, "--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -295,6 +295,7 @@ def test_each_contract_refuses_the_others_answer(scripted_endpoint):
 
 
 # --- Against the real local endpoint ----------------------------------------------------------------
+@pytest.mark.slow
 def test_the_flow_answers_with_the_fine_tuned_model(demo_run, pf):
     started = time.perf_counter()
     answer = ask(pf, QUESTION)
@@ -302,12 +303,14 @@ def test_the_flow_answers_with_the_fine_tuned_model(demo_run, pf):
     assert "Bill Gates" in answer and not answer.startswith(QUESTION)
 
 
+@pytest.mark.slow
 def test_history_reaches_the_endpoint(demo_run, pf):
     history = [{"inputs": {"input_data": QUESTION}, "outputs": {"answer": FIRST_ANSWER}}]
     assert "Redmond" in ask(pf, FOLLOW_UP, history)
     assert "Redmond" not in ask(pf, FOLLOW_UP)  # "its" means nothing without the first turn
 
 
+@pytest.mark.slow
 def test_an_endpoint_that_is_down_gets_an_actionable_error_in_time(demo_run, pf, monkeypatch):
     with socket.socket() as closed:  # bound, never listening: connections are refused
         closed.bind(("127.0.0.1", 0))
@@ -323,6 +326,7 @@ def test_an_endpoint_that_is_down_gets_an_actionable_error_in_time(demo_run, pf,
     assert secret_key() not in message
 
 
+@pytest.mark.slow
 def test_a_wrong_key_says_so_and_no_key_is_shown(demo_run, pf, monkeypatch, capfd):
     monkeypatch.setenv("AZURE_ML_API_KEY", "not-the-key")
     with pytest.raises(Exception) as error:
@@ -333,6 +337,7 @@ def test_a_wrong_key_says_so_and_no_key_is_shown(demo_run, pf, monkeypatch, capf
     assert "not-the-key" not in shown and secret_key() not in shown
 
 
+@pytest.mark.slow
 def test_the_script_asks_through_prompt_flow_and_leaves_no_key_behind(demo_run):
     result = run_script("integrate_with_promptflow.py", "--question", QUESTION, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -347,6 +352,7 @@ def test_the_script_asks_through_prompt_flow_and_leaves_no_key_behind(demo_run):
     assert not leaked, f"the endpoint key is in {leaked}"
 
 
+@pytest.mark.slow
 def test_the_flow_answers_through_the_local_endpoints_chat_completions_too(demo_run, pf, monkeypatch):
     on_score = ask(pf, QUESTION)
     scoring_uri = read_env_file()["AZURE_ML_ENDPOINT"]

@@ -73,6 +73,7 @@ def local_endpoint(served_model_dir, tmp_path_factory):
 
 # --- The tutorial's client ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_tutorials_client_gets_an_answer(local_endpoint):
     question = "Who founded Microsoft?"
     response = requests.post(
@@ -88,6 +89,7 @@ def test_the_tutorials_client_gets_an_answer(local_endpoint):
     assert isinstance(answer, str) and answer.startswith(question)
 
 
+@pytest.mark.slow
 def test_an_answer_says_how_long_the_model_took(local_endpoint):
     started = time.perf_counter()
     response = local_endpoint.post({"input_data": ["Who founded Microsoft?"], "params": {"max_new_tokens": 16}})
@@ -97,6 +99,7 @@ def test_an_answer_says_how_long_the_model_took(local_endpoint):
     assert name == "score" and 0 < float(duration) < waited_ms  # the model's share of what the client waited
 
 
+@pytest.mark.slow
 def test_multi_turn_conversations_and_questions(local_endpoint):
     chat = [
         {"role": "system", "content": "You answer briefly."},
@@ -111,6 +114,7 @@ def test_multi_turn_conversations_and_questions(local_endpoint):
     assert answers[0] == answers[2]  # greedy by default: the same chat, the same answer
 
 
+@pytest.mark.slow
 def test_the_server_answers_while_the_model_loads(local_endpoint):
     # While the model loaded, /ready said 503 and /score said 503 with Retry-After (or 200: it just got ready).
     seen = local_endpoint.seen_while_loading
@@ -118,12 +122,14 @@ def test_the_server_answers_while_the_model_loads(local_endpoint):
     assert all(ready == 503 and scoring in (200, 503) for ready, scoring, _ in seen), seen
 
 
+@pytest.mark.slow
 def test_health_routes(local_endpoint):
     assert requests.get(f"{local_endpoint.url}/", timeout=5).text == "Healthy"
     assert requests.get(f"{local_endpoint.url}/live", timeout=5).status_code == 200
     assert requests.get(f"{local_endpoint.url}/ready", timeout=5).status_code == 200
 
 
+@pytest.mark.slow
 def test_wrong_path_and_method_are_json_errors(local_endpoint):
     missing = requests.get(f"{local_endpoint.url}/scores", timeout=5)
     assert missing.status_code == 404 and "/score" in missing.json()["error"]
@@ -134,6 +140,7 @@ def test_wrong_path_and_method_are_json_errors(local_endpoint):
 
 # --- The key ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("headers", [
     {},
     {"Authorization": "Bearer not-the-key"},
@@ -147,6 +154,7 @@ def test_a_missing_or_wrong_key_gets_401(local_endpoint, headers):
     assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
+@pytest.mark.slow
 def test_the_key_without_bearer_is_refused(local_endpoint):
     response = requests.post(f"{local_endpoint.url}/score", json={"input_data": ["Hi"]},
                              headers={"Authorization": local_endpoint.key}, timeout=10)
@@ -155,6 +163,7 @@ def test_the_key_without_bearer_is_refused(local_endpoint):
 
 # --- Bad requests -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_invalid_json_gets_400_with_the_parsers_reason(local_endpoint):
     response = requests.post(f"{local_endpoint.url}/score", data='{"input_data": [',
                              headers={"Authorization": f"Bearer {local_endpoint.key}"}, timeout=10)
@@ -162,16 +171,19 @@ def test_invalid_json_gets_400_with_the_parsers_reason(local_endpoint):
     assert "not valid JSON" in response.json()["error"] and "line 1 column" in response.json()["error"]
 
 
+@pytest.mark.slow
 def test_an_unknown_param_gets_400_naming_it(local_endpoint):
     response = local_endpoint.post({"input_data": ["Hi"], "params": {"max_length": 10}})
     assert response.status_code == 400 and "max_length" in response.json()["error"]
 
 
+@pytest.mark.slow
 def test_a_wrong_param_type_gets_400(local_endpoint):
     response = local_endpoint.post({"input_data": ["Hi"], "params": {"max_new_tokens": True}})
     assert response.status_code == 400 and "max_new_tokens" in response.json()["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body", [
     {"input_data": []},
     {"params": {}},
@@ -183,6 +195,7 @@ def test_a_bad_shape_gets_400(local_endpoint, body):
     assert response.status_code == 400 and response.json()["error"]
 
 
+@pytest.mark.slow
 def test_an_oversize_body_gets_413(local_endpoint):
     body = {"input_data": ["x" * MAX_REQUEST_BYTES]}
     declared = local_endpoint.post(body)
@@ -202,6 +215,7 @@ def test_an_oversize_body_gets_413(local_endpoint):
 
 # --- Concurrency: 1 slot, a short queue; the rest get 429, none are lost ------------------------------
 
+@pytest.mark.slow
 def test_simultaneous_requests_beyond_the_cap_get_429(local_endpoint):
     # Long prompts make each answer take a while, whether or not the model stops early at <|end|>.
     questions = [("Tell me about the history of computing, " * 30) + str(i) for i in range(4)]
@@ -237,6 +251,7 @@ def test_simultaneous_requests_beyond_the_cap_get_429(local_endpoint):
 
 # --- Starting the server --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_server_refuses_to_start_without_a_key(served_model_dir):
     for env in (server_env(), server_env(LOCAL_ENDPOINT_KEY="  ")):
         result = subprocess.run([*SERVER, "--model-dir", str(served_model_dir),
@@ -254,6 +269,7 @@ def test_the_server_refuses_a_folder_without_a_model(tmp_path):
 
 # --- In-process: timeouts and failures of the scoring script ---------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["transformers", "onnxruntime-genai"])
 def test_a_request_over_the_timeout_gets_504_and_frees_the_model(served_model_dir, runtime, monkeypatch):
     from starlette.testclient import TestClient
@@ -329,6 +345,7 @@ def wait_in_process(client, timeout_s=60):
 
 # --- Last: nothing above leaked the key into the server's log ---------------------------------------------
 
+@pytest.mark.slow
 def test_the_key_never_appears_in_the_log(local_endpoint):
     # A key in the query string (a client mistake) must not reach the log either.
     requests.post(f"{local_endpoint.url}/score?key={local_endpoint.key}", json={"input_data": ["Hi"]},
@@ -340,6 +357,7 @@ def test_the_key_never_appears_in_the_log(local_endpoint):
 
 
 # --- Bounded requests (the same reasons as on Azure's inference server: tests/test_environment_files.py) -------
+@pytest.mark.slow
 @pytest.mark.parametrize("body", ["[" * 100_000 + "]" * 100_000, '{"input_data": ' + "[" * 20 + '"Hi"' + "]" * 20 + "}"],
                          ids=["too-deep-to-parse", "parses-but-absurd"])
 def test_absurdly_nested_json_gets_400(local_endpoint, body):
@@ -348,6 +366,7 @@ def test_absurdly_nested_json_gets_400(local_endpoint, body):
     assert response.status_code == 400 and "nests deeper than" in response.json()["error"]
 
 
+@pytest.mark.slow
 def test_more_inputs_than_allowed_get_413_naming_the_setting(local_endpoint):
     response = local_endpoint.post({"input_data": ["Hi"] * 5, "params": {"max_new_tokens": 2}})
     assert response.status_code == 413
@@ -369,6 +388,7 @@ def openai_client(server, key=None):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key or server.key, max_retries=0, timeout=60)
 
 
+@pytest.mark.slow
 def test_the_openai_client_gets_the_same_answer_as_score(local_endpoint):
     reply = openai_client(local_endpoint).chat.completions.create(
         model="phi-fine-tuned", messages=[{"role": "user", "content": QUESTION}], max_tokens=64, temperature=0)
@@ -379,6 +399,7 @@ def test_the_openai_client_gets_the_same_answer_as_score(local_endpoint):
     assert same.json() == [answer]  # one score.py, one generation: greedy gives the same words either way
 
 
+@pytest.mark.slow
 def test_history_reaches_the_model_through_the_openai_client(local_endpoint):
     chat = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": FIRST_ANSWER},
             {"role": "user", "content": FOLLOW_UP}]
@@ -389,6 +410,7 @@ def test_history_reaches_the_model_through_the_openai_client(local_endpoint):
     assert "Bill Gates" in reply.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_the_openai_client_gets_the_same_key_check_limits_and_errors(local_endpoint):
     import openai
 
@@ -457,6 +479,7 @@ def agent_framework_venv():
     return cached_venv(folder, ["-r", str(AGENT_REQUIREMENTS)], "the Agent Framework venv")
 
 
+@pytest.mark.slow
 def test_agent_frameworks_chat_client_talks_to_the_local_endpoint(local_endpoint):
     venv = agent_framework_venv()
     env = {**os.environ, "AGENT_BASE_URL": f"{local_endpoint.url}/v1", "AGENT_API_KEY": local_endpoint.key}

@@ -80,6 +80,7 @@ def test_the_report_has_one_row_a_method():
     assert [line.split()[0] for line in table.splitlines()[2:]] == list(m.METHODS)
 
 
+@pytest.mark.slow
 def test_the_demo_job_printed_its_estimate_and_method(demo_run):
     assert "Memory estimate (GiB) against this machine's available memory" in demo_run.stdout
     assert "Method: auto chose full: full needs" in demo_run.stdout

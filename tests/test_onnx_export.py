@@ -21,6 +21,7 @@ def linked_copy(model_dir, folder):
 
 
 # --- the demo's model: what `make demo` exported ------------------------------------------------------
+@pytest.mark.slow
 def test_the_demo_model_carries_the_export_the_rule_chose(trained_model_dir, demo_run):
     record = json.loads((trained_model_dir / onnx_export.RECORD_FILE).read_text())
     assert set(record["candidates"]) == {"int4", "int8", "fp32"}
@@ -57,6 +58,7 @@ def test_the_rule_counts_identical_answers_and_perplexity(identical, increase, r
     assert onnx_export.passes(figures, {"min_identical": rule[0], "max_perplexity_increase": rule[1]}) is expected
 
 
+@pytest.mark.slow
 def test_a_looser_rule_picks_a_smaller_precision_and_a_strict_one_may_pick_none(trained_model_dir, tmp_path):
     demo = json.loads((trained_model_dir / onnx_export.RECORD_FILE).read_text())
     int4 = demo["candidates"]["int4"]
@@ -75,6 +77,7 @@ def test_a_looser_rule_picks_a_smaller_precision_and_a_strict_one_may_pick_none(
 
 
 # --- nothing is lost or half-written -------------------------------------------------------------------
+@pytest.mark.slow
 def test_an_existing_export_is_never_overwritten(trained_model_dir, tmp_path):
     model = linked_copy(trained_model_dir, tmp_path / "model")
     (model / "onnx").mkdir()
@@ -84,6 +87,7 @@ def test_an_existing_export_is_never_overwritten(trained_model_dir, tmp_path):
     assert (model / "onnx" / "mine.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_a_failed_copy_leaves_no_export_and_no_partial_folder(trained_model_dir, tmp_path, monkeypatch):
     def copy_then_fail(source, destination):  # the disk fills up half-way through the copy
         destination.mkdir()

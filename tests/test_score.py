@@ -25,7 +25,8 @@ def load_score_module():
 RUNTIMES = ("transformers", "onnxruntime-genai")
 
 
-@pytest.fixture(scope="module", params=RUNTIMES)
+# Every test of `score` runs on the demo's model (`make demo`): slow.
+@pytest.fixture(scope="module", params=[pytest.param(runtime, marks=pytest.mark.slow) for runtime in RUNTIMES])
 def score(request, served_model_dir):
     """score.py, initialised on the served model, once with each runtime: every contract test runs on both."""
     module = load_score_module()
@@ -200,6 +201,7 @@ def test_a_prompt_longer_than_the_context_is_refused(score):
 
 # --- init(): where the model is found, and limits from the environment ------------------------------
 
+@pytest.mark.slow
 def test_init_finds_the_mlflow_model_below_azureml_model_dir(served_model_dir, tmp_path, monkeypatch):
     # Azure mounts a model registered from a job output as <AZUREML_MODEL_DIR>/model_output/MLmodel.
     (tmp_path / "model_output").symlink_to(served_model_dir, target_is_directory=True)
@@ -237,6 +239,7 @@ def test_run_before_init_fails_clearly():
         load_score_module().run({"input_data": ["Hi"]})
 
 
+@pytest.mark.slow
 def test_max_new_tokens_limit_comes_from_the_environment(served_model_dir, monkeypatch):
     monkeypatch.setenv("MAX_NEW_TOKENS_LIMIT", "8")
     module = load_score_module()
@@ -250,6 +253,7 @@ def test_max_new_tokens_limit_comes_from_the_environment(served_model_dir, monke
 
 # --- The serving runtime (SERVING_RUNTIME): transformers or fine_tune.py's ONNX Runtime GenAI export -------
 
+@pytest.mark.slow
 def test_both_runtimes_give_the_same_greedy_answers(served_model_dir, monkeypatch):
     # fine_tune.py keeps an export only when its greedy answers match transformers' (finetuning_dir/onnx_export.py).
     record = json.loads((served_model_dir / "onnx_export.json").read_text())
@@ -265,6 +269,7 @@ def test_both_runtimes_give_the_same_greedy_answers(served_model_dir, monkeypatc
     assert any(answer for answer in answers["transformers"])
 
 
+@pytest.mark.slow
 def test_auto_serves_the_export_on_a_cpu_and_transformers_on_a_gpu(served_model_dir, monkeypatch):
     module = load_score_module()
     assert module.choose_runtime(served_model_dir, "auto") == "onnxruntime-genai"

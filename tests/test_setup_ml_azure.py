@@ -499,6 +499,7 @@ def test_a_gpu_job_refuses_to_train_on_the_cpu(client, monkeypatch, capsys):
     assert "--require-gpu" not in submitted(client).command
 
 
+@pytest.mark.slow
 def test_fine_tune_with_require_gpu_stops_with_the_reason_on_a_machine_without_one(tmp_path):
     from azure_mocks import write_jsonl
 

@@ -13,8 +13,9 @@ import pytest
 import config
 from conftest import WORK_DIR, free_port, require_browser, server_process
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")  # MLflow's SQL store, on SQLAlchemy 2.1
+# slow: every test reads what `make demo` left; the studio test serves MLflow's UI to a browser.
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(
+    "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")]  # MLflow's SQL store, on SQLAlchemy 2.1
 
 
 def tracking_client():
