@@ -3,6 +3,7 @@
     python deploy_model.py                          # local: MLflow registry + an endpoint on 127.0.0.1:5001
     TARGET=azure python deploy_model.py             # Azure ML managed online endpoint on Standard_E4s_v3
     TARGET=azure python deploy_model.py --dry-run   # builds and validates model, endpoint, deployment; no network
+    TARGET=azure python deploy_model.py --check     # asks Azure what the deployment needs (quota, identity, ...)
     TARGET=serverless python deploy_model.py        # a serverless endpoint for the model step 2 fine-tuned (serverless/)
 
 The job comes from outputs/last_job.json (written by setup_ml.py) or --job-name. Both targets deploy
@@ -27,6 +28,7 @@ import config
 from helpers.azure_ml import (azure_errors, check_name, get_ml_client, print_deployment_log_tail, print_validated,
                               state_name, wait_with_progress)
 from helpers.endpoint import publish, smoke_answer, smoke_request
+from helpers import preflight
 from helpers.errors import StepError, exit_code
 from helpers.job_record import find_job, read_last_job
 from scoring_dir.contract import SCORE_ENVIRONMENT, SLOTS, SMOKE_QUESTION
@@ -84,6 +86,7 @@ def deploy_azure(job_name, keep_previous=False):
     ml_client = get_ml_client()
     endpoint_name = config.AZURE_ENDPOINT_NAME
     with azure_errors():
+        preflight.before_deployment(ml_client, deployment_image())  # not in the tutorial: asked before anything is billed
         model = register_model(ml_client, config.AZURE_MODEL_NAME, job_name)
         endpoint = create_or_update_endpoint(ml_client, endpoint_name, f"Phi-3 fine-tuned by {job_name}")
         deployment_name = f"{config.AZURE_DEPLOYMENT_NAME}-{next_slot(endpoint)}"
@@ -258,6 +261,11 @@ def deployment_has_gpu(instance_type=None):
     return bool(GPU_INSTANCE_TYPE.match(instance_type or config.AZURE_DEPLOYMENT_INSTANCE_TYPE))
 
 
+def deployment_image(instance_type=None):
+    """The base image the deployment's environment builds on (CUDA on a GPU instance type)."""
+    return config.AZURE_GPU_INFERENCE_IMAGE if deployment_has_gpu(instance_type) else config.AZURE_INFERENCE_IMAGE
+
+
 def inference_environment(scoring_dir, instance_type=None):
     """The deployment's Environment: the CPU image and conda.yml (CPU torch), or on a GPU instance type the CUDA
     image and conda_gpu.yml (CUDA torch; score.py then loads the model in bf16, or fp16 where the GPU lacks bf16)."""
@@ -290,6 +298,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job-name", default=None, help="the fine-tuning job to deploy (default: the last one setup_ml.py ran)")
     parser.add_argument("--dry-run", action="store_true", help="Azure: build and validate everything, deploy nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="Azure: ask Azure whether the deployment can run (quota, identity, image), deploy nothing")
     parser.add_argument("--foreground", action="store_true", help="local: keep the endpoint in this terminal")
     parser.add_argument("--keep-previous", action="store_true",
                         help="Azure: keep the previous deployment (at 0%% traffic, still billed) for a rollback")
@@ -305,7 +315,12 @@ def main(argv=None):
 
             return deploy_local(find_job(args.job_name, "local"), args.foreground)
         if config.TARGET == "serverless":  # Azure AI Foundry's serverless API instead of an online endpoint
-            return serverless.deploy(args.job_name, args.dry_run)
+            return serverless.deploy(args.job_name, args.dry_run, args.check)
+        if args.check:
+            config.require(*config.AZURE_DEPLOY_SETTINGS)
+            with azure_errors():
+                return preflight.checked(preflight.deployment_checks(get_ml_client(), deployment_image()),
+                                         "step 3 on Azure ML")
         if args.dry_run:
             return dry_run_azure(args.job_name or (read_last_job() or {}).get("name") or "<job-name>")
         return deploy_azure(find_job(args.job_name, "azure")["name"], args.keep_previous)

@@ -84,7 +84,7 @@ def first_line(error):
 
 
 # --- Names and offline validation (--dry-run) -------------------------------------------------------
-# Online endpoints and deployments: 3-32 characters; computes: 3-24. A letter first, then letters, digits and
+# Online endpoints, deployments and AmlCompute clusters: 3-32 characters (24 is the compute-instance rule). A letter first, then letters, digits and
 # hyphens, no hyphen last. Endpoint names are also unique per region across all subscriptions.
 NAME_RULE = re.compile(r"[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9]")
 

@@ -79,8 +79,18 @@ VM_SIZES = [
     for name, family, cpus, gpus, memory, disk in [
         ("Standard_NC24ads_A100_v4", "standardNCADSA100v4Family", 24, 1, 220.0, 65536),
         ("Standard_ND96asr_v4", "standardNDASv4_A100Family", 96, 8, 900.0, 6291456),
+        ("Standard_NC4as_T4_v3", "standardNCASv3_T4Family", 4, 1, 28.0, 180224),
         ("Standard_E16s_v3", "standardESv3Family", 16, 0, 128.0, 262144),
         ("Standard_E4s_v3", "standardESv3Family", 4, 0, 32.0, 65536)]]
+# Usage/list (the vCPU quota per VM family in a region): (currentValue, limit), as in the REST example's rows.
+QUOTAS = {"Standard NCADSA100v4 Family Cluster Dedicated vCPUs": (0, 24),
+          "Standard NDASv4_A100 Family Cluster Dedicated vCPUs": (0, 0),
+          "Standard ESv3 Family Cluster Dedicated vCPUs": (0, 32),
+          "Standard NCADSA100v4 Family Cluster LowPriority vCPUs": (0, 100)}
+IDENTITY = "id-phi3-tests"  # the endpoint's user-assigned identity (tests/azure_mocks.FAKE_DEPLOY_SETTINGS)
+IDENTITY_CLIENT_ID = "11111111-1111-1111-1111-111111111111"
+IDENTITY_PRINCIPAL_ID = "44444444-4444-4444-4444-444444444444"
+CONTAINER_REGISTRY = "crphi3tests"
 # A managed online deployment's properties as the service fills them in when a request leaves them out.
 DEPLOYMENT_DEFAULTS = {
     "endpointComputeType": "Managed", "scaleSettings": {"scaleType": "Default"}, "appInsightsEnabled": False,
@@ -134,6 +144,7 @@ class Operation:
 
     status: str = "Succeeded"
     error: dict = None
+    progress: str = "InProgress"  # what a poll says before the end (recorded endpoint/deployment polls say Updating)
     polls_left: int = 1
     finish: object = None
     done: bool = False
@@ -203,6 +214,15 @@ class FakeAzureML(HttpTransport):
         self.endpoint_create_error = None  # a ServiceAnswer for the next endpoint creation
         self.scoring_answer = ["an answer"]
         self._run_polls = {}
+        # What the preflight reads (helpers/preflight.py); tests change these to see each refusal.
+        self.subscription_state = "Enabled"
+        self.registered_providers = {"Microsoft.MachineLearningServices", "Microsoft.ContainerRegistry",
+                                     "Microsoft.Network"}
+        self.quotas = dict(QUOTAS)  # usage name -> (currentValue, limit), per region
+        self.identities = {IDENTITY: {"clientId": IDENTITY_CLIENT_ID, "principalId": IDENTITY_PRINCIPAL_ID}}
+        self.role_assignments = [  # (scope, principalId, role definition GUID)
+            (self.registry_id(), IDENTITY_PRINCIPAL_ID, "7f951dda-4ed3-4680-a7ca-43fe172d538d"),  # AcrPull
+            (self.storage_id(), IDENTITY_PRINCIPAL_ID, "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1")]  # Storage Blob Data Reader
 
     # --- azure-core's HttpTransport ------------------------------------------------------------------
     def open(self):
@@ -246,6 +266,16 @@ class FakeAzureML(HttpTransport):
         """The workspace's ARM resource path."""
         return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
                 f"/providers/{PROVIDER}/workspaces/{self.workspace}")
+
+    def registry_id(self):
+        """The workspace's container registry (where its images are built and the endpoint pulls from)."""
+        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+                f"/providers/Microsoft.ContainerRegistry/registries/{CONTAINER_REGISTRY}")
+
+    def storage_id(self):
+        """The workspace's storage account."""
+        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+                f"/providers/Microsoft.Storage/storageAccounts/{STORAGE_ACCOUNT}")
 
     def add_compute(self, name, size="Standard_NC24ads_A100_v4"):
         """An AmlCompute cluster that exists (scaled to 0 nodes)."""
@@ -416,9 +446,18 @@ class FakeAzureML(HttpTransport):
                                  r"(mfeOperationsStatus|mfeOperationResults)/(.+)", call.path, re.IGNORECASE)
         if operation:
             return self._operation(operation.group(1), operation.group(2))
+        if operation is None:
+            operation = re.fullmatch(rf"/subscriptions/[^/]+/providers/{PROVIDER}/locations/[^/]+/"
+                                     r"(computeOperationsStatus)/(.+)", call.path, re.IGNORECASE)
+            if operation:
+                return self._operation(operation.group(1), operation.group(2))
         if call.method == "GET" and re.fullmatch(rf"/subscriptions/[^/]+/providers/{PROVIDER}/locations/[^/]+/vmSizes",
                                                  call.path, re.IGNORECASE):
             return 200, {"value": VM_SIZES}, {}
+        if call.method == "GET":
+            answer = self._subscription_level(call)
+            if answer is not None:
+                return answer
         prefix = self.workspace_path()
         if not call.path.lower().startswith(prefix.lower()):
             raise AssertionError(f"the fake Azure ML service does not know {call.method} {call.url}")
@@ -427,6 +466,7 @@ class FakeAzureML(HttpTransport):
         handlers = {
             ("GET",): self._workspace,
             ("GET", "computes", "*"): self._get_compute,
+            ("PUT", "computes", "*"): self._put_compute,
             ("GET", "datastores"): self._list_datastores,
             ("GET", "datastores", "*"): self._get_datastore,
             ("POST", "datastores", "*", "listSecrets"): self._datastore_secrets,
@@ -471,7 +511,7 @@ class FakeAzureML(HttpTransport):
                 "friendlyName": self.workspace, "workspaceId": WORKSPACE_ID, "provisioningState": "Succeeded",
                 "storageAccount": f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
                                   f"/providers/Microsoft.Storage/storageAccounts/{STORAGE_ACCOUNT}",
-                "discoveryUrl": f"https://{API_HOST}/discovery",
+                "discoveryUrl": f"https://{API_HOST}/discovery", "containerRegistry": self.registry_id(),
                 "mlFlowTrackingUri": f"azureml://{API_HOST}/mlflow/v1.0{prefix}",
                 "publicNetworkAccess": "Enabled", "v1LegacyMode": False, "hbiWorkspace": False}}, {}
 
@@ -479,6 +519,82 @@ class FakeAzureML(HttpTransport):
         if parts[1] not in self.computes:
             raise arm_error(404, "NotFound", f"The compute {parts[1]} was not found in workspace {self.workspace}.")
         return 200, self.computes[parts[1]], {}
+
+    def _put_compute(self, call, parts):
+        """Cluster creation as recorded: 201, provisioningState Creating, vmSize upper-cased, Azure-AsyncOperation
+        to computeOperationsStatus (polls say InProgress, then Succeeded); an update of an existing one answers 200."""
+        name, body = parts[1], copy.deepcopy(call.json)
+        creating = name not in self.computes
+        inner = body["properties"].get("properties") or {}
+        inner["vmSize"] = str(inner.get("vmSize", "")).upper()
+        inner.update(currentNodeCount=None, targetNodeCount=None, allocationState=None, errors=None)
+        properties = {**body["properties"], "properties": inner, "provisioningState": "Creating" if creating else "Updating",
+                      "isAttachedCompute": False, "computeLocation": body.get("location") or self.location}
+        self.computes[name] = self._resource(f"computes/{name}", name, "computes", properties,
+                                             location=body.get("location") or self.location, tags=None)
+        operation = Operation(finish=lambda: properties.update(provisioningState="Succeeded"))
+        return self._start_operation(201 if creating else 200, self.computes[name], operation,
+                                     status_path="computeOperationsStatus")
+
+    def _subscription_level(self, call):
+        """The subscription, its resource providers, the region's usages, the identity and role assignments (the
+        preflight's GETs); None for a path that is none of them."""
+        subscription = f"/subscriptions/{self.subscription_id}"
+        path = call.path
+        if path == subscription:  # Subscriptions_Get (azure-rest-api-specs, resources/.../getSubscription.json)
+            return 200, {"id": subscription, "subscriptionId": self.subscription_id, "displayName": "Phi tests",
+                         "state": self.subscription_state, "tenantId": TENANT_ID,
+                         "subscriptionPolicies": {"locationPlacementId": "Public_2014-09-01", "quotaId": "PayAsYouGo_2014-09-01",
+                                                  "spendingLimit": "Off"}}, {}
+        match = re.fullmatch(rf"{subscription}/providers/([^/]+)", path, re.IGNORECASE)
+        if match:  # Providers_Get (assumed body: the namespace and its registrationState, the fields read)
+            namespace = match.group(1)
+            state = "Registered" if namespace in self.registered_providers else "NotRegistered"
+            return 200, {"id": f"{subscription}/providers/{namespace}", "namespace": namespace,
+                         "registrationState": state, "registrationPolicy": "RegistrationRequired",
+                         "resourceTypes": []}, {}
+        match = re.fullmatch(rf"{subscription}/providers/{PROVIDER}/locations/([^/]+)/usages", path, re.IGNORECASE)
+        if match:
+            return 200, {"value": self._usages()}, {}
+        identity = re.fullmatch(rf"{subscription}/resourceGroups/{self.resource_group}/providers/"
+                                r"Microsoft\.ManagedIdentity/userAssignedIdentities/([^/]+)", path, re.IGNORECASE)
+        if identity:  # UserAssignedIdentities_Get (assumed body: id, name, location, properties.{clientId,principalId,tenantId})
+            found = self.identities.get(identity.group(1))
+            if found is None:
+                raise arm_error(404, "ResourceNotFound", f"The Resource 'Microsoft.ManagedIdentity/userAssignedIdentities/"
+                                f"{identity.group(1)}' under resource group '{self.resource_group}' was not found.")
+            return 200, {"id": path, "name": identity.group(1), "location": self.location,
+                         "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+                         "properties": {**found, "tenantId": TENANT_ID}}, {}
+        if path.endswith("/providers/Microsoft.Authorization/roleAssignments"):
+            return 200, {"value": self._role_assignments(path.rsplit("/providers/Microsoft.Authorization", 1)[0],
+                                                         call.query.get("$filter", ""))}, {}
+        return None
+
+    def _usages(self):
+        """Usage/list as the REST example answers it (stable/2024-04-01/examples/Usage/list.json): a row per VM
+        family (type .../vmFamily/usages), its id naming the family with underscores."""
+        rows = []
+        for name, (current, limit) in self.quotas.items():
+            rows.append({"id": f"/subscriptions/{self.subscription_id}/usages/{name.replace(' ', '_')}",
+                         "type": f"{PROVIDER}/vmFamily/usages", "currentValue": current, "limit": limit,
+                         "name": {"value": name, "localizedValue": name}, "unit": "Count"})
+        rows.append({"id": f"/subscriptions/{self.subscription_id}/usages", "type": f"{PROVIDER}/dedicatedCores/usages",
+                     "currentValue": 0, "limit": 100, "unit": "Count",
+                     "name": {"value": "Total Cluster Dedicated Regional vCPUs",
+                              "localizedValue": "Total Cluster Dedicated Regional vCPUs"}})
+        return rows
+
+    def _role_assignments(self, scope, query):
+        """RoleAssignments_ListForScope with $filter=principalId eq '...': assignments at the scope or above it."""
+        wanted = re.search(r"principalId eq '([^']+)'", query)
+        return [{"id": f"{assigned}/providers/Microsoft.Authorization/roleAssignments/{uuid.uuid5(uuid.NAMESPACE_URL, assigned + role)}",
+                 "type": "Microsoft.Authorization/roleAssignments", "name": str(uuid.uuid5(uuid.NAMESPACE_URL, assigned + role)),
+                 "properties": {"roleDefinitionId": f"/subscriptions/{self.subscription_id}/providers/"
+                                                    f"Microsoft.Authorization/roleDefinitions/{role}",
+                                "principalId": principal, "principalType": "ServicePrincipal", "scope": assigned}}
+                for assigned, principal, role in self.role_assignments
+                if scope.lower().startswith(assigned.lower()) and (not wanted or wanted.group(1) == principal)]
 
     def _datastore_body(self, name):
         return self._resource(f"datastores/{name}", name, "datastores", {
@@ -657,7 +773,8 @@ class FakeAzureML(HttpTransport):
         def finish():
             body["properties"].update(provisioningState="Succeeded", scoringUri=self.scoring_uri(name),
                                       swaggerUri=self.scoring_uri(name).replace("/score", "/swagger.json"))
-        return self._start_operation(201 if creating else 200, body, Operation(finish=finish))
+        return self._start_operation(201 if creating else 200, body, Operation(finish=finish, progress="Updating"),
+                                     location=True)
 
     def _delete_endpoint(self, call, parts):
         name = parts[1]
@@ -709,13 +826,13 @@ class FakeAzureML(HttpTransport):
         self.deployments[(endpoint, name)] = body
         outcome = self.deployment_outcomes.pop(0) if self.deployment_outcomes else "Succeeded"
         if outcome == "Succeeded":
-            operation = Operation(finish=lambda: properties.update(provisioningState="Succeeded"))
+            operation = Operation(finish=lambda: properties.update(provisioningState="Succeeded"), progress="Updating")
         else:
             _, code, message = outcome
-            operation = Operation(status="Failed", error={"code": code, "message": message},
+            operation = Operation(status="Failed", error={"code": code, "message": message}, progress="Updating",
                                   finish=lambda: properties.update(provisioningState="Failed"))
         body["properties"] = properties
-        return self._start_operation(200 if existing else 201, body, operation)
+        return self._start_operation(200 if existing else 201, body, operation, location=True)
 
     def _delete_deployment(self, call, parts):
         key = (parts[1], parts[3])
@@ -733,12 +850,12 @@ class FakeAzureML(HttpTransport):
         return 200, {"content": self.deployment_logs}, {}
 
     # --- long-running operations ---
-    def _start_operation(self, status, body, operation, location=False):
+    def _start_operation(self, status, body, operation, location=False, status_path="mfeOperationsStatus"):
         """Answer a PUT/DELETE/POST that starts an operation; polling its URL says how it goes."""
         operation_id = f"oe:{WORKSPACE_ID}:{next(self._ids):08d}-0000-0000-0000-000000000000"
         self.operations[operation_id] = operation
         base = f"https://{ARM_HOST}/subscriptions/{self.subscription_id}/providers/{PROVIDER}/locations/{self.location}"
-        headers = {"Azure-AsyncOperation": f"{base}/mfeOperationsStatus/{operation_id}?api-version=2023-04-01-preview",
+        headers = {"Azure-AsyncOperation": f"{base}/{status_path}/{operation_id}?api-version=2023-04-01-preview",
                    "Retry-After": "0", "x-ms-async-operation-timeout": "PT1H"}
         if location:
             headers["Location"] = f"{base}/mfeOperationResults/{operation_id}?api-version=2023-04-01-preview"
@@ -752,17 +869,19 @@ class FakeAzureML(HttpTransport):
             return (202, None, {"Retry-After": "0"}) if not operation.done else (200, None, {})
         if operation.polls_left > 0:
             operation.polls_left -= 1
-            status = "InProgress"
+            status = operation.progress
         else:
             if not operation.done:
                 operation.done = True
                 if operation.finish:
                     operation.finish()
             status = operation.status
+        if kind == "computeOperationsStatus":  # the recorded compute polls carry the status alone
+            return 200, {"status": status}, {}
         body = {"id": f"/subscriptions/{self.subscription_id}/providers/{PROVIDER}/locations/{self.location}"
                       f"/mfeOperationsStatus/{operation_id}", "name": operation_id, "status": status,
                 "startTime": _now()}
-        if status != "InProgress":
+        if status != operation.progress:
             body["endTime"] = _now()
         if status == "Failed":
             body["error"] = {**operation.error, "details": [], "additionalInfo": []}

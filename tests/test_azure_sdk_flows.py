@@ -24,7 +24,7 @@ import cleanup
 import config  # azure_mocks puts the project folder on sys.path
 from helpers.endpoint import smoke_request
 import deploy_model
-from helpers import job_record
+from helpers import job_record, preflight
 import setup_ml
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in (
@@ -95,6 +95,8 @@ def service(monkeypatch, tmp_path):
     client = fake.ml_client()
     for module in (setup_ml, deploy_model, cleanup):
         monkeypatch.setattr(module, "get_ml_client", lambda: client)
+    # The azureml registry (curated images) is answered by a mock: the fake serves one workspace, not registries.
+    monkeypatch.setattr(preflight, "get_registry_client", lambda name: azure_mocks.mock_registry_client())
     yield fake
     assert not fake.unknown, f"requests the fake service does not know: {fake.unknown}"
     assert not attempts, f"network access attempted: {attempts}"

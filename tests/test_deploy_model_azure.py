@@ -65,8 +65,8 @@ DEPLOY_DEFAULTS = {
     "AZURE_DEPLOYMENT_NAME": "finetune-phi-deployment",
     "AZURE_DEPLOYMENT_INSTANCE_TYPE": "Standard_E4s_v3",
     "AZURE_DEPLOYMENT_INSTANCE_COUNT": 1,
-    "AZURE_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest",
-    "AZURE_GPU_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cuda11.8-gpu-inference:latest",
+    "AZURE_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-py312-inference:latest",
+    "AZURE_GPU_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/curated/minimal-py312-cuda12.4-inference:latest",
     "AZURE_DEPLOYMENT_HAS_GPU": "auto",
     "SERVING_RUNTIME": "auto",
     "MAX_CONCURRENT_REQUESTS_PER_INSTANCE": 3,
@@ -93,6 +93,7 @@ def azure(monkeypatch, tmp_path):
 @pytest.fixture
 def service(monkeypatch, azure):
     """The mocked MLClient deploy_model and cleanup get, with an endpoint that serves blue at 100%."""
+    azure_mocks.skip_preflight(monkeypatch)  # run against the fake service in tests/test_azure_sdk_flows.py
     client = mock_ml_client()
     endpoints = serve_online_endpoints(client, {ENDPOINT: {BLUE: 100}}, primary_key=KEY, secondary_key=SECONDARY_KEY)
     client.online_endpoints.invoke.return_value = GOOD_ANSWER
@@ -501,8 +502,8 @@ def test_the_deployment_image_is_a_supported_one(azure, monkeypatch, capsys):
     code, out, err = run_main(capsys, "--dry-run")
     assert code == 0, err
     image = validated_yaml_blocks(out)["Deployment"]["environment"]["image"]
-    # Microsoft's supported inference images; "...-py311-cpu-inference" does not exist (ImageBuildFailure).
-    assert image == "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest"
+    # Microsoft's supported Python 3.12 inference image; "...-py311-cpu-inference" does not exist (ImageBuildFailure).
+    assert image == "mcr.microsoft.com/azureml/minimal-py312-inference:latest"
 
 
 @pytest.mark.parametrize("instance_type, override, gpu", [
@@ -540,7 +541,7 @@ def test_the_default_images_in_config_are_supported_ones(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.stdout.split() == ["mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest",
-                                     "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest", "''"]
+                                     "mcr.microsoft.com/azureml/minimal-py312-inference:latest", "''"]
 
 
 def test_a_slot_whose_first_provisioning_failed_is_deleted_and_re_created(service, capsys):
