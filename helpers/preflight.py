@@ -31,7 +31,8 @@ ARM_API_VERSION = {"subscription": "2022-12-01", "providers": "2021-04-01", "ide
                    "roleAssignments": "2022-04-01"}
 TRAINING_PROVIDERS = ("Microsoft.MachineLearningServices", "Microsoft.ContainerRegistry")
 SERVERLESS_PROVIDERS = TRAINING_PROVIDERS + ("Microsoft.Network",)
-# Managed online endpoints reserve 20 % more vCPUs than the instances use (for upgrades); blue/green runs two slots.
+# Managed online endpoints reserve quota for 20 % more instances than they run (for upgrades), rounded up to whole
+# instances: one Standard_E4s_v3 (4 vCPUs) needs ceil(1 x 1.2) = 2 instances = 8 vCPUs; blue/green runs two slots.
 DEPLOYMENT_QUOTA_HEADROOM = 1.2
 # Built-in role ids (they are the same in every tenant) that let the endpoint's identity pull the image / read the model.
 ACR_PULL_ROLES = {"7f951dda-4ed3-4680-a7ca-43fe172d538d": "AcrPull", "b24988ac-6180-42a0-ab88-20f7382dd24c": "Contributor",
@@ -96,7 +97,7 @@ def training_checks(ml_client):
             ("workspace", lambda: workspace_found(ml_client, state)),
             ("training quota", lambda: quota(ml_client, config.AZURE_COMPUTE_INSTANCE_TYPE, training_vcpus,
                                              "AZURE_COMPUTE_INSTANCE_TYPE", low_priority=config.AZURE_COMPUTE_TIER == "low_priority",
-                                             location=config.AZURE_COMPUTE_LOCATION or None)),
+                                             location=config.AZURE_COMPUTE_LOCATION or workspace_of(state).location)),
             ("training image", lambda: curated_image_listed(config.AZURE_TRAINING_IMAGE, "AZURE_TRAINING_IMAGE"))]
 
 
@@ -108,7 +109,7 @@ def deployment_checks(ml_client, image):
             ("workspace", lambda: workspace_found(ml_client, state)),
             ("deployment quota", lambda: quota(ml_client, config.AZURE_DEPLOYMENT_INSTANCE_TYPE,
                                                lambda vcpus: deployment_vcpus(vcpus, deployment_slots(ml_client)),
-                                               "AZURE_DEPLOYMENT_INSTANCE_TYPE")),
+                                               "AZURE_DEPLOYMENT_INSTANCE_TYPE", location=workspace_of(state).location)),
             ("managed identity", lambda: identity_access(ml_client, state)),
             ("inference image", lambda: curated_image_listed(image, "AZURE_INFERENCE_IMAGE"))]
 
@@ -242,8 +243,8 @@ def deployment_slots(ml_client):
 
 
 def deployment_vcpus(vcpus, slots):
-    """vCPUs a deployment reserves: instances x vCPUs x Azure's 20 % headroom, for each slot running."""
-    return math.ceil(config.AZURE_DEPLOYMENT_INSTANCE_COUNT * vcpus * DEPLOYMENT_QUOTA_HEADROOM) * slots
+    """vCPUs a deployment reserves: instances (plus Azure's 20 %, whole instances) x vCPUs, for each slot running."""
+    return math.ceil(config.AZURE_DEPLOYMENT_INSTANCE_COUNT * DEPLOYMENT_QUOTA_HEADROOM) * vcpus * slots
 
 
 def field(entity, name, rest_name):
@@ -259,11 +260,11 @@ def family_key(text):
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
-def quota(ml_client, instance_type, vcpus_needed, setting, low_priority=False, location=None):
-    """The SKU's family has the vCPUs free that `vcpus_needed(vcpus per VM)` says, in the workspace's region."""
+def quota(ml_client, instance_type, vcpus_needed, setting, location, low_priority=False):
+    """The SKU's family has the vCPUs free that `vcpus_needed(vcpus per VM)` says, in `location`."""
     sizes = {size.name.lower(): size for size in ml_client.compute.list_sizes(location=location)}
     size = sizes.get(instance_type.lower())
-    where = location or "the workspace's region"
+    where = location
     if size is None:
         raise Refused(f"{instance_type} is not offered to Azure ML in {where}: `az ml compute list-sizes -o table` "
                       f"lists what is; set {setting} in .env.")

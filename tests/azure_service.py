@@ -216,6 +216,7 @@ class FakeAzureML(HttpTransport):
         self._run_polls = {}
         # What the preflight reads (helpers/preflight.py); tests change these to see each refusal.
         self.subscription_state = "Enabled"
+        self.workspace_exists = True  # False: the workspace (or project) GET answers 404, as for a wrong name
         self.registered_providers = {"Microsoft.MachineLearningServices", "Microsoft.ContainerRegistry",
                                      "Microsoft.Network"}
         self.quotas = dict(QUOTAS)  # usage name -> (currentValue, limit), per region
@@ -503,6 +504,9 @@ class FakeAzureML(HttpTransport):
 
     def _workspace(self, call, parts):
         prefix = self.workspace_path()
+        if not self.workspace_exists:
+            raise arm_error(404, "ResourceNotFound", f"The Resource '{PROVIDER}/workspaces/{self.workspace}' under "
+                            f"resource group '{self.resource_group}' was not found.")
         return 200, {
             "id": prefix, "name": self.workspace, "type": f"{PROVIDER}/workspaces", "location": self.location,
             "tags": {}, "kind": "Default", "identity": {"type": "SystemAssigned"},

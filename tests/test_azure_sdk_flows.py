@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 
 import azure_mocks
 from azure_mocks import FAKE_DEPLOY_SETTINGS, FAKE_SUBSCRIPTION_ID, block_network, configure_azure, use_tmp_data
+import azure_service
 from azure_service import FakeAzureML, arm_error
 
 import cleanup
@@ -342,7 +343,6 @@ def test_an_endpoint_still_updating_is_named_with_azures_state_and_left_alone(se
 
 
 def test_a_job_streamed_to_completion_is_then_deployed(service, capsys):
-    service.add_compute(COMPUTE)
     service.job_statuses = ["Queued", "Running", "Completed"]
 
     assert run_main(capsys, setup_ml)[0] == 0
@@ -373,3 +373,112 @@ def test_cleanup_of_an_endpoint_already_gone_deletes_nothing(service, capsys):
     assert code == 0, err
     assert not service.calls("DELETE")
     assert f"endpoint {ENDPOINT}: not found" in out
+
+
+# --- A first run: the cluster is created (issue 23) ---------------------------------------------------------------
+def test_a_first_run_creates_the_cluster_and_waits_for_it_as_recorded(service, capsys):
+    service.job_statuses = ["Queued", "Running", "Completed"]
+
+    code, out, err = run_main(capsys, setup_ml)
+
+    assert code == 0, err
+    (put,) = service.calls("PUT", f"/computes/{COMPUTE}")
+    sent = put.json["properties"]
+    assert sent["computeType"] == "AmlCompute" and sent["properties"]["vmSize"] == "Standard_NC24ads_A100_v4"
+    assert sent["properties"]["scaleSettings"]["minNodeCount"] == 0
+    polls = service.calls("GET", "/computeOperationsStatus/")
+    assert polls, "the SDK waited on the operation the 201 named"
+    assert service.computes[COMPUTE]["properties"]["provisioningState"] == "Succeeded"
+    calls = service.calls_log
+    assert index_of(calls, is_("PUT", f"/computes/{COMPUTE}")) < index_of(calls, lambda c: c.method == "PUT" and "/jobs/" in c.path)
+    assert f"Creating compute cluster {COMPUTE}" in out
+
+
+# --- The preflight against the fake service (issue 23) -------------------------------------------------------------
+def test_check_prints_each_check_against_the_service_and_sends_nothing(service, capsys):
+    code, out, err = run_main(capsys, setup_ml, "--check")
+
+    assert code == 0, err
+    assert "ok    sign-in: subscription Phi tests" in out
+    assert "ok    providers: Microsoft.MachineLearningServices, Microsoft.ContainerRegistry registered" in out
+    assert "ok    workspace: ws-phi3-tests in eastus2" in out
+    assert ("ok    training quota: 24 vCPUs of Standard NCADSA100v4 Family Cluster Dedicated vCPUs needed, 24 free of 24"
+            in out)
+    assert "ok    training image: acft-hf-nlp-gpu:124 listed in the azureml registry" in out
+    assert not [call for call in service.calls_log if call.method != "GET"], "a check must not change anything"
+
+
+def test_deploy_check_prints_quota_identity_and_what_cannot_be_checked(service, capsys):
+    code, out, err = run_main(capsys, deploy_model, "--check")
+
+    assert code == 0, err
+    # One Standard_E4s_v3: ceil(1 x 1.2) = 2 instances x 4 vCPUs.
+    assert "ok    deployment quota: 8 vCPUs of Standard ESv3 Family Cluster Dedicated vCPUs needed" in out
+    assert "ok    managed identity: id-phi3-tests found; AcrPull on the workspace's container registry; " \
+           "Storage Blob Data Reader on the workspace's storage account" in out
+    assert "n/a   inference image: mcr.microsoft.com/azureml/minimal-py312-inference:latest is not a curated" in out
+    assert not [call for call in service.calls_log if call.method != "GET"]
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda s: s.quotas.update({"Standard NCADSA100v4 Family Cluster Dedicated vCPUs": (0, 0)}),
+     "24 vCPUs needed (Standard_NC24ads_A100_v4), 0 free of 0: request more in the Azure portal"),
+    (lambda s: s.registered_providers.discard("Microsoft.MachineLearningServices"),
+     "`az provider register --namespace Microsoft.MachineLearningServices`"),
+    (lambda s: setattr(s, "subscription_state", "Disabled"), "is Disabled: re-enable it"),
+    (lambda s: setattr(s, "workspace_exists", False), "`az ml workspace list -g rg-phi3-tests -o table`"),
+], ids=["quota", "provider", "subscription", "workspace"])
+def test_each_refusal_stops_step_2_before_anything_is_billed(service, capsys, change, says):
+    change(service)
+
+    code, out, err = run_main(capsys, setup_ml)
+
+    assert code == 1 and says in err and "FAIL" in out
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert not [call for call in service.calls_log if call.method in ("PUT", "POST", "DELETE")], "nothing billed"
+
+
+def test_a_curated_image_no_longer_listed_is_refused_with_the_command(service, capsys, monkeypatch):
+    monkeypatch.setattr(preflight, "get_registry_client",
+                        lambda name: azure_mocks.mock_registry_client(environments={"acft-hf-nlp-gpu": ["130"]}))
+
+    code, out, err = run_main(capsys, setup_ml)
+
+    assert code == 1 and "no longer lists environment acft-hf-nlp-gpu version 124" in err
+    assert "az ml environment list --registry-name azureml --name acft-hf-nlp-gpu" in err
+    assert not service.calls("PUT")
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda s: s.identities.clear(), "az identity create -n id-phi3-tests -g rg-phi3-tests"),
+    (lambda s: s.identities[azure_service.IDENTITY].update(clientId="99999999-0000-0000-0000-000000000000"),
+     "set AZURE_MANAGED_IDENTITY_CLIENT_ID in .env"),
+    (lambda s: s.role_assignments.pop(0), '--role "AcrPull" --scope /subscriptions/'),
+], ids=["no-identity", "wrong-client-id", "no-acrpull"])
+def test_an_identity_that_cannot_pull_stops_step_3_before_anything_is_registered(service, completed_job, capsys,
+                                                                                  change, says):
+    change(service)
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 1 and says in err
+    assert not service.calls("PUT"), "no model registered, no endpoint created"
+
+
+def test_blue_green_needs_quota_for_both_slots(service, completed_job, capsys):
+    service.add_endpoint(ENDPOINT, traffic={BLUE: 100}, deployments={BLUE: "Succeeded"})
+    service.quotas["Standard ESv3 Family Cluster Dedicated vCPUs"] = (8, 20)  # blue holds 8 of 20
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 1 and "16 vCPUs needed (Standard_E4s_v3), 12 free of 20" in err
+    assert not service.calls("PUT")
+
+
+def test_endpoint_and_deployment_creation_follow_the_recorded_operation_shapes(service, completed_job, capsys):
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 0, err
+    polls = [call for call in service.calls("GET", "/mfeOperationsStatus/")]
+    assert polls, "the SDK polled Azure-AsyncOperation"
+    assert service.deployment_state(ENDPOINT, BLUE) == "Succeeded"
