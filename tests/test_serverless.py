@@ -181,7 +181,9 @@ def test_dry_run_prints_the_validated_job_offline(road, monkeypatch, capsys):
     assert job["model"] == {"path": "azureml://registries/azureml/models/Phi-4-mini-instruct/labels/latest",
                             "type": "mlflow_model"}
     assert job["hyperparameters"] == {"num_train_epochs": "3", "learning_rate": "5e-06", "per_device_train_batch_size": "4"}
-    assert job["training_data"]["path"].endswith("train_chat.jsonl")
+    # The local files the SDK uploads on submit, not "azureml:/tmp/..." as dump() writes them.
+    assert job["training_data"]["path"] == str(road.CHAT_TRAIN_DATA_PATH)
+    assert job["validation_data"]["path"] == str(road.CHAT_TEST_DATA_PATH)
     assert job["outputs"]["registered_model"]["name"] == "phi-ft-serverless"
     assert "compute" not in job  # no compute: Azure runs it serverless
     assert "experimental" in err and err.count("\n") < 5  # one note, not azure-ai-ml's ten

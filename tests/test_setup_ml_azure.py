@@ -367,6 +367,9 @@ def test_dry_run_prints_validated_yaml_without_any_sdk_call(azure, monkeypatch, 
     assert job["type"] == "command"
     assert "--train-file ${{inputs.train_file}}" in job["command"]
     assert "component" not in job
+    # What is sent: the local files (uploaded on submit), not "azureml:/tmp/..." (an asset name) as dump() writes them.
+    assert job["inputs"]["train_file"]["path"] == str(azure.train)
+    assert job["inputs"]["eval_file"]["path"] == str(azure.test)
     assert not azure.last_job.exists()
 
 
