@@ -173,7 +173,10 @@ AZURE_INFERENCE_IMAGE = _str("AZURE_INFERENCE_IMAGE", "mcr.microsoft.com/azureml
 # AZURE_DEPLOYMENT_HAS_GPU: "auto" (by the instance type), "true", "false".
 AZURE_GPU_INFERENCE_IMAGE = _str("AZURE_GPU_INFERENCE_IMAGE", "mcr.microsoft.com/azureml/curated/minimal-py312-cuda12.4-inference:latest")
 AZURE_DEPLOYMENT_HAS_GPU = _str("AZURE_DEPLOYMENT_HAS_GPU", "auto")
-MAX_CONCURRENT_REQUESTS_PER_INSTANCE = _int("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", 3)  # more wait, then 429
+# The local endpoint admits this many; on Azure, unless set, step 3 derives it from the served runtime's measured
+# speed so that an admitted request finishes inside REQUEST_TIMEOUT_MS and the rest get 429 at once
+# (helpers/serving_speed.py says the arithmetic).
+MAX_CONCURRENT_REQUESTS_PER_INSTANCE = _int("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", 3)
 # Local endpoint only: how long a request waits for a free slot before 429. (Azure deprecated its
 # max_queue_wait_ms request setting; deploy_model.py leaves it out.) Longer: fewer 429s, slower ones.
 MAX_QUEUE_WAIT_MS = _int("MAX_QUEUE_WAIT_MS", 500)
@@ -263,6 +266,11 @@ class MissingSettingsError(StepError):
 def is_placeholder(value):
     """True for an empty value or one still shaped like "<your-...>"."""
     return not value or value.startswith(PLACEHOLDER_PREFIX)
+
+
+def is_set(name):
+    """True when the setting `name` comes from the environment or .env, not from its default here."""
+    return name in os.environ or name in _ENV_FILE_VALUES
 
 
 def require(*names):

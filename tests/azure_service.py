@@ -212,6 +212,7 @@ class FakeAzureML(HttpTransport):
         self.deployment_outcomes = []  # one per deployment PUT: "Succeeded" or ("Failed", code, message)
         self.deployment_logs = "Starting AzureML Inference Server\n"  # getLogs' answer
         self.endpoint_create_error = None  # a ServiceAnswer for the next endpoint creation
+        self.export_record = None  # model_output/onnx_export.json a completed job wrote (None: no export)
         self.scoring_answer = ["an answer"]
         self._run_polls = {}
         # What the preflight reads (helpers/preflight.py); tests change these to see each refusal.
@@ -326,6 +327,8 @@ class FakeAzureML(HttpTransport):
         container = self.datastores["workspaceblobstore"]
         for file_name in ("MLmodel", "conda.yaml", "model/model.safetensors"):
             self.add_blob(container, f"azureml/{name}/model_output/{file_name}", b"fake " + file_name.encode())
+        if self.export_record is not None:
+            self.add_blob(container, f"azureml/{name}/model_output/onnx_export.json", json.dumps(self.export_record))
 
     def deployment_state(self, endpoint, deployment):
         """A deployment's provisioning state as the service holds it (None: no such deployment)."""

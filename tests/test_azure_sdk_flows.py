@@ -482,3 +482,18 @@ def test_endpoint_and_deployment_creation_follow_the_recorded_operation_shapes(s
     polls = [call for call in service.calls("GET", "/mfeOperationsStatus/")]
     assert polls, "the SDK polled Azure-AsyncOperation"
     assert service.deployment_state(ENDPOINT, BLUE) == "Succeeded"
+
+
+def test_the_jobs_measured_speed_sets_concurrency_and_probes(service, capsys):
+    # 50 tokens/s: a full request (4 x 128 tokens) takes ~10 s; 8 admitted (16 in flight) finish within 180 s.
+    service.export_record = {"chosen": "int4", "candidates": {"int4": {"tokens_per_second": 50.0}}}
+    service.add_completed_job(JOB, compute=COMPUTE)
+    job_record.record_job(JOB, "azure", "Completed", studio_url=service.studio_url(JOB))
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 0, err
+    sent = service.calls("PUT", f"/deployments/{BLUE}")[0].json["properties"]
+    assert sent["requestSettings"]["maxConcurrentRequestsPerInstance"] == 8
+    assert sent["livenessProbe"]["initialDelay"] == sent["readinessProbe"]["initialDelay"] == "PT10S"
+    assert "onnxruntime-genai at 50 tokens/s (measured by the job (int4 ONNX export" in out
