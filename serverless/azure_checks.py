@@ -51,6 +51,7 @@ def use_instead():
 
 def registry_model(registry_client):
     """SERVERLESS_BASE_MODEL as the azureml registry lists it: the pinned version, else the one labelled latest."""
+    from azure.ai.ml.exceptions import ValidationException
     from azure.core.exceptions import ResourceNotFoundError
 
     name = config.SERVERLESS_BASE_MODEL
@@ -58,7 +59,7 @@ def registry_model(registry_client):
         if config.SERVERLESS_BASE_MODEL_VERSION:
             return registry_client.models.get(name, version=config.SERVERLESS_BASE_MODEL_VERSION)
         return registry_client.models.get(name, label="latest")
-    except ResourceNotFoundError:
+    except (ResourceNotFoundError, ValidationException):  # the label "latest" finds no listed version: archived
         other = "" if name == config.SERVERLESS_DEFAULT_MODEL else f": {use_instead()}"
         raise StepError(f"The azureml registry no longer lists {name}"
                         f"{' version ' + config.SERVERLESS_BASE_MODEL_VERSION if config.SERVERLESS_BASE_MODEL_VERSION else ''}"

@@ -91,6 +91,22 @@ IDENTITY = "id-phi3-tests"  # the endpoint's user-assigned identity (tests/azure
 IDENTITY_CLIENT_ID = "11111111-1111-1111-1111-111111111111"
 IDENTITY_PRINCIPAL_ID = "44444444-4444-4444-4444-444444444444"
 CONTAINER_REGISTRY = "crphi3tests"
+# The azureml registry (the model catalogue and curated environments), answered by its data plane (MFE).
+REGISTRY = "azureml"
+REGISTRY_HOST = f"cert-{LOCATION}.experiments.azureml.net"
+REGISTRY_SUBSCRIPTION = "99999999-9999-9999-9999-999999999999"
+REGISTRY_RESOURCE_GROUP = "azureml-rg"
+# assets/models/system/<model>/spec.yaml of Azure/azureml-assets: Phi-3.5-mini-instruct is archived (isArchived: true)
+# and retired (Finetune/InferenceRetirementDate 2025-08-30); the region tag's text format is assumed.
+REGISTRY_MODELS = {
+    "Phi-4-mini-instruct": {"version": "7", "isArchived": False, "tags": {
+        "maas-finetuning-deploy-regions": "eastus2, eastus, northcentralus, southcentralus, westus, westus3"}},
+    "Phi-3.5-mini-instruct": {"version": "6", "isArchived": True, "tags": {
+        "FinetuneDeprecationDate": "2025-06-30", "FinetuneRetirementDate": "2025-08-30",
+        "InferenceDeprecationDate": "2025-06-30", "InferenceRetirementDate": "2025-08-30",
+        "maas-finetuning-deploy-regions": "eastus2"}},
+}
+REGISTRY_ENVIRONMENTS = {"acft-hf-nlp-gpu": ["59", "124"], "minimal-py312-cuda12.4-inference": ["6"]}
 # A managed online deployment's properties as the service fills them in when a request leaves them out.
 DEPLOYMENT_DEFAULTS = {
     "endpointComputeType": "Managed", "scaleSettings": {"scaleType": "Default"}, "appInsightsEnabled": False,
@@ -213,6 +229,8 @@ class FakeAzureML(HttpTransport):
         self.deployment_logs = "Starting AzureML Inference Server\n"  # getLogs' answer
         self.endpoint_create_error = None  # a ServiceAnswer for the next endpoint creation
         self.export_record = None  # model_output/onnx_export.json a completed job wrote (None: no export)
+        self.registry_models = copy.deepcopy(REGISTRY_MODELS)
+        self.registry_environments = copy.deepcopy(REGISTRY_ENVIRONMENTS)
         self.scoring_answer = ["an answer"]
         self._run_polls = {}
         # What the preflight reads (helpers/preflight.py); tests change these to see each refusal.
@@ -429,6 +447,11 @@ class FakeAzureML(HttpTransport):
             return self._arm(call)
         if call.host == API_HOST:
             return self._api(call)
+        if call.host == REGISTRY_HOST:
+            return self._registry(call)
+        discovery = re.fullmatch(r"/registrymanagement/v1\.0/registries/([^/]+)/discovery", call.path)
+        if call.host.endswith(".api.azureml.ms") and call.method == "GET" and discovery:  # the SDK asks eastus
+            return self._registry_discovery(discovery.group(1))
         if call.host.endswith(".blob.core.windows.net"):
             return self._blob(call)
         if call.host.endswith(".inference.ml.azure.com"):
@@ -895,6 +918,61 @@ class FakeAzureML(HttpTransport):
         return 200, body, {"Retry-After": "0"}
 
     # --- discovery and run history (the workspace's data plane) -----------------------------------------
+    # --- the azureml registry (model catalogue, curated environments) ------------------------------------------------
+    def registry_client(self):
+        """A real MLClient for the azureml registry over this transport (discovery, then its data plane)."""
+        from azure.ai.ml import MLClient
+
+        return MLClient(credential=FakeCredential(), registry_name=REGISTRY, transport=self)
+
+    def _registry_discovery(self, name):
+        """Registry discovery as recorded (test_model.pyTestModeltest_create_get_download_model_registry.json)."""
+        if name != REGISTRY:
+            raise arm_error(404, "NotFound", f"Registry {name} not found.")
+        return 200, {"registryId": "3b513a6b-0000-4000-8000-000000000001", "registryName": name, "tenantId": TENANT_ID,
+                     "primaryRegion": self.location, "regions": [self.location],
+                     "subscriptionId": REGISTRY_SUBSCRIPTION, "resourceGroup": REGISTRY_RESOURCE_GROUP,
+                     "workspaceName": None, "primaryRegionResourceProviderUri": f"https://{REGISTRY_HOST}/",
+                     "registryFqdns": {self.location: {"uri": f"https://{API_HOST}"}},
+                     "intellectualPropertyPublisher": None}, {}
+
+    def _registry(self, call):
+        """The registry's models and environments: a version by number, or the versions list ($orderBy createdtime
+        desc, $top=1: how the SDK resolves the label latest, as recorded). Archived versions are left out of the
+        list (assumed: the default list view is active versions only)."""
+        match = re.fullmatch(rf"/mferp/managementfrontend/subscriptions/[^/]+/resourceGroups/[^/]+/providers/{PROVIDER}"
+                             r"/registries/([^/]+)/(models|environments)/([^/]+)/versions(?:/([^/]+))?", call.path)
+        if call.method != "GET" or not match:
+            raise AssertionError(f"the fake registry does not know {call.method} {call.url}")
+        _, kind, name, version = match.groups()
+        versions = self._registry_versions(kind, name)
+        if version is None:
+            listed = [body for body in versions if not body["properties"].get("isArchived")]
+            return 200, {"value": listed[:int(call.query.get("$top", len(listed)))]}, {}
+        found = [body for body in versions if body["name"] == version]
+        if not found:
+            raise arm_error(404, "UserError", f"Could not find asset with ID: azureml://registries/{REGISTRY}/"
+                            f"{kind}/{name}/versions/{version}")
+        return 200, found[0], {}
+
+    def _registry_versions(self, kind, name):
+        """The registry's versions of an asset, newest first, as ARM-shaped bodies."""
+        def body(version, properties):
+            return {"id": f"azureml://registries/{REGISTRY}/{kind}/{name}/versions/{version}", "name": version,
+                    "type": f"{PROVIDER}/registries/{kind}/versions", "properties": properties,
+                    "systemData": {"createdAt": _now(), "createdBy": "azureml", "createdByType": "Application"}}
+        if kind == "models":
+            entry = self.registry_models.get(name)
+            if not entry:
+                return []
+            return [body(entry["version"], {"tags": dict(entry["tags"]), "properties": {}, "isArchived": entry["isArchived"],
+                                            "isAnonymous": False, "modelType": "mlflow_model", "flavors": {},
+                                            "modelUri": f"azureml://registries/{REGISTRY}/models/{name}/versions/"
+                                                        f"{entry['version']}", "stage": "Production"})]
+        return [body(version, {"image": f"mcr.microsoft.com/azureml/curated/{name}:{version}", "tags": {},
+                               "properties": {}, "isArchived": False, "isAnonymous": False, "osType": "Linux"})
+                for version in reversed(self.registry_environments.get(name, []))]
+
     def _api(self, call):
         if call.path == "/discovery":
             base = f"https://{API_HOST}"

@@ -96,8 +96,7 @@ def service(monkeypatch, tmp_path):
     client = fake.ml_client()
     for module in (setup_ml, deploy_model, cleanup):
         monkeypatch.setattr(module, "get_ml_client", lambda: client)
-    # The azureml registry (curated images) is answered by a mock: the fake serves one workspace, not registries.
-    monkeypatch.setattr(preflight, "get_registry_client", lambda name: azure_mocks.mock_registry_client())
+    monkeypatch.setattr(preflight, "get_registry_client", lambda name: fake.registry_client())  # the azureml registry
     yield fake
     assert not fake.unknown, f"requests the fake service does not know: {fake.unknown}"
     assert not attempts, f"network access attempted: {attempts}"
@@ -438,9 +437,8 @@ def test_each_refusal_stops_step_2_before_anything_is_billed(service, capsys, ch
     assert not [call for call in service.calls_log if call.method in ("PUT", "POST", "DELETE")], "nothing billed"
 
 
-def test_a_curated_image_no_longer_listed_is_refused_with_the_command(service, capsys, monkeypatch):
-    monkeypatch.setattr(preflight, "get_registry_client",
-                        lambda name: azure_mocks.mock_registry_client(environments={"acft-hf-nlp-gpu": ["130"]}))
+def test_a_curated_image_no_longer_listed_is_refused_with_the_command(service, capsys):
+    service.registry_environments["acft-hf-nlp-gpu"] = ["130"]  # 124 no longer listed
 
     code, out, err = run_main(capsys, setup_ml)
 
