@@ -229,6 +229,8 @@ class FakeAzureML(HttpTransport):
         self.deployment_logs = "Starting AzureML Inference Server\n"  # getLogs' answer
         self.endpoint_create_error = None  # a ServiceAnswer for the next endpoint creation
         self.export_record = None  # model_output/onnx_export.json a completed job wrote (None: no export)
+        self.serverless_endpoints = {}
+        self.serverless_scoring_uri = "https://{name}.eastus2.models.ai.azure.com"  # inferenceEndpoint.uri, per name
         self.registry_models = copy.deepcopy(REGISTRY_MODELS)
         self.registry_environments = copy.deepcopy(REGISTRY_ENVIRONMENTS)
         self.scoring_answer = ["an answer"]
@@ -522,6 +524,10 @@ class FakeAzureML(HttpTransport):
             ("PUT", "onlineEndpoints", "*", "deployments", "*"): self._put_deployment,
             ("DELETE", "onlineEndpoints", "*", "deployments", "*"): self._delete_deployment,
             ("POST", "onlineEndpoints", "*", "deployments", "*", "getLogs"): self._get_logs,
+            ("GET", "serverlessEndpoints", "*"): self._get_serverless_endpoint,
+            ("PUT", "serverlessEndpoints", "*"): self._put_serverless_endpoint,
+            ("DELETE", "serverlessEndpoints", "*"): self._delete_serverless_endpoint,
+            ("POST", "serverlessEndpoints", "*", "listKeys"): self._serverless_keys,
         }
         handler = handlers.get(route)
         if handler is None:
@@ -753,7 +759,27 @@ class FakeAzureML(HttpTransport):
     def _get_job(self, call, parts):
         if parts[1] not in self.jobs:
             raise arm_error(404, "UserError", f"The specified resource {parts[1]} was not found.")
-        return 200, self.jobs[parts[1]], {}
+        job = self.jobs[parts[1]]
+        if job["properties"].get("jobType") == "FineTuning":  # serverless: the job's own GET says how it goes
+            self._advance_finetuning_job(parts[1])
+        return 200, job, {}
+
+    def _advance_finetuning_job(self, name):
+        """One step further through job_statuses per GET; on Completed, the fine-tuned model is registered in the
+        workspace under the output's name (assumed: a first version "1", as Foundry shows it)."""
+        polls = self._run_polls[name] = self._run_polls.get(name, 0) + 1
+        status = self.job_statuses[min(polls - 1, len(self.job_statuses) - 1)]
+        properties = self.jobs[name]["properties"]
+        properties["status"] = status
+        if status == "Failed" and self.job_error:
+            properties["error"] = {"code": self.job_error["code"], "message": self.job_error["message"]}
+        output = properties["outputs"].get("registered_model") or {}
+        model = output.get("assetName")
+        if status == "Completed" and model and ("models", model) not in self.assets:
+            self.assets[("models", model)] = {"1": self._resource(f"models/{model}/versions/1", "1", "models/versions", {
+                "modelType": "mlflow_model", "modelUri": f"azureml://jobs/{name}/outputs/registered_model",
+                "jobName": name, "isArchived": False, "isAnonymous": False, "flavors": {}, "tags": {},
+                "properties": {}, "provisioningState": "Succeeded", "stage": "Development"})}
 
     def _cancel_job(self, call, parts):
         job = self.jobs[parts[1]]
@@ -873,6 +899,46 @@ class FakeAzureML(HttpTransport):
         self.deployments[key]["properties"]["provisioningState"] = "Deleting"
         return self._start_operation(202, None, Operation(finish=lambda: self.deployments.pop(key, None)),
                                      location=True)
+
+    # --- serverless endpoints (azure-rest-api-specs, stable/2024-04-01/examples/Workspace/ServerlessEndpoint) ---
+    def _serverless_body(self, name, sent, state):
+        """createOrUpdate.json's response: properties.authMode, inferenceEndpoint.uri, modelSettings, provisioningState;
+        the Consumption sku and the location as sent."""
+        return self._resource(f"serverlessEndpoints/{name}", name, "serverlessEndpoints", {
+            "authMode": "Key", "provisioningState": state,
+            "modelSettings": copy.deepcopy(sent["properties"].get("modelSettings") or {}),
+            "inferenceEndpoint": {"uri": self.serverless_scoring_uri.format(name=name), "headers": {}},
+            "contentSafety": {"contentSafetyStatus": "Enabled"}},
+            location=sent.get("location") or self.location, tags=dict(sent.get("tags") or {}), kind="ServerlessEndpoint",
+            sku=copy.deepcopy(sent.get("sku") or {"name": "Consumption"}))
+
+    def _get_serverless_endpoint(self, call, parts):
+        """get.json."""
+        if parts[1] not in self.serverless_endpoints:
+            raise arm_error(404, "UserError", f"Serverless endpoint {parts[1]} not found.")
+        return 200, self.serverless_endpoints[parts[1]], {}
+
+    def _put_serverless_endpoint(self, call, parts):
+        """createOrUpdate.json: 201 for a new endpoint (200 for an update), then the operation (assumed: polled through
+        Azure-AsyncOperation like the workspace's other long-running operations)."""
+        name, creating = parts[1], parts[1] not in self.serverless_endpoints
+        body = self._serverless_body(name, call.json, "Creating" if creating else "Updating")
+        self.serverless_endpoints[name] = body
+        operation = Operation(finish=lambda: body["properties"].update(provisioningState="Succeeded"))
+        return self._start_operation(201 if creating else 200, body, operation)
+
+    def _delete_serverless_endpoint(self, call, parts):
+        """delete.json: 202 with Location, then gone."""
+        if parts[1] not in self.serverless_endpoints:
+            return 204, None, {}
+        return self._start_operation(202, None, Operation(finish=lambda: self.serverless_endpoints.pop(parts[1], None)),
+                                     location=True)
+
+    def _serverless_keys(self, call, parts):
+        """listKeys.json: {"primaryKey", "secondaryKey"}."""
+        if parts[1] not in self.serverless_endpoints:
+            raise arm_error(404, "UserError", f"Serverless endpoint {parts[1]} not found.")
+        return 200, {"primaryKey": f"serverless-key-of-{parts[1]}", "secondaryKey": f"second-key-of-{parts[1]}"}, {}
 
     def _get_logs(self, call, parts):
         if (parts[1], parts[3]) not in self.deployments:

@@ -26,6 +26,7 @@ import config  # azure_mocks puts the project folder on sys.path
 from helpers.endpoint import smoke_request
 import deploy_model
 from helpers import job_record, preflight
+from serverless import endpoint as serverless_endpoint, job as serverless_job
 import setup_ml
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in (
@@ -495,3 +496,78 @@ def test_the_jobs_measured_speed_sets_concurrency_and_probes(service, capsys):
     assert sent["requestSettings"]["maxConcurrentRequestsPerInstance"] == 8
     assert sent["livenessProbe"]["initialDelay"] == sent["readinessProbe"]["initialDelay"] == "PT10S"
     assert "onnxruntime-genai at 50 tokens/s (measured by the job (int4 ONNX export" in out
+
+
+# --- The serverless road over HTTP (issue 23) -----------------------------------------------------------------------
+SERVERLESS_JOB = "finetune-phi-serverless-http"
+
+
+@pytest.fixture
+def serverless_service(monkeypatch, tmp_path):
+    """TARGET=serverless with a real MLClient (and registry client) over the fake service; the smoke request (sent
+    with requests, not through azure-core) is recorded instead of sent."""
+    attempts = no_network(monkeypatch)
+    azure_mocks.configure_serverless(monkeypatch, tmp_path)
+    fake = FakeAzureML()
+    fake.patch_blob_storage(monkeypatch)
+    client = fake.ml_client()
+    for module in (serverless_job, serverless_endpoint):
+        monkeypatch.setattr(module, "get_ml_client", lambda: client)
+    monkeypatch.setattr(serverless_job, "get_registry_client", lambda name: fake.registry_client())
+    fake.smoke_requests = []
+    monkeypatch.setattr(serverless_endpoint, "smoke_test",
+                        lambda url, key: fake.smoke_requests.append((url, key)) or "Bill Gates and Paul Allen.")
+    yield fake
+    assert not fake.unknown, f"requests the fake service does not know: {fake.unknown}"
+    assert not attempts, f"network access attempted: {attempts}"
+
+
+def test_the_serverless_road_end_to_end_over_http(serverless_service, capsys):
+    serverless_service.job_statuses = ["Queued", "Running", "Completed"]
+
+    code, out, err = run_main(capsys, setup_ml, "--job-name", SERVERLESS_JOB)
+
+    assert code == 0, err
+    (put,) = serverless_service.calls("PUT", f"/jobs/{SERVERLESS_JOB}")
+    sent = put.json["properties"]
+    assert sent["jobType"] == "FineTuning" and "computeId" not in sent  # no compute: serverless
+    assert json.dumps(sent).count("azureml://registries/azureml/models/Phi-4-mini-instruct/versions/7") == 1
+    assert "ok    base model: Phi-4-mini-instruct version 7 live; offered in eastus2" in out
+    record = last_job()
+    assert record["status"] == "Completed" and record["registered_model"]["version"] == "1"
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 0, err
+    (put,) = serverless_service.calls("PUT", "/serverlessEndpoints/")
+    model = record["registered_model"]["name"]
+    assert put.json["properties"] == {"modelSettings": {"modelId": f"azureml://locations/eastus2/workspaces/"
+                                                                    f"{azure_service.WORKSPACE_ID}/models/{model}/versions/1"}}
+    assert put.json["sku"] == {"name": "Consumption"}
+    assert serverless_service.calls("POST", "/listKeys")
+    endpoint = config.SERVERLESS_ENDPOINT_NAME
+    (url, key), = serverless_service.smoke_requests
+    assert url == f"https://{endpoint}.eastus2.models.ai.azure.com/v1/chat/completions"
+    env = dotenv_values(config.ENV_FILE)
+    assert (env["AZURE_ML_ENDPOINT"], env["AZURE_ML_API_KEY"]) == (url, f"serverless-key-of-{endpoint}")
+
+
+def test_a_retired_model_over_http_is_refused_before_any_job(serverless_service, monkeypatch, capsys):
+    monkeypatch.setattr(config, "SERVERLESS_BASE_MODEL", "Phi-3.5-mini-instruct")  # archived: no latest version listed
+
+    code, out, err = run_main(capsys, setup_ml, "--job-name", SERVERLESS_JOB)
+
+    assert code == 1 and "no longer lists Phi-3.5-mini-instruct" in err
+    assert "SERVERLESS_BASE_MODEL=Phi-4-mini-instruct" in err
+    assert not serverless_service.calls("PUT"), "no upload, no job"
+
+
+def test_a_pinned_retired_version_over_http_is_refused_by_its_retirement_date(serverless_service, monkeypatch, capsys):
+    monkeypatch.setattr(config, "SERVERLESS_BASE_MODEL", "Phi-3.5-mini-instruct")
+    monkeypatch.setattr(config, "SERVERLESS_BASE_MODEL_VERSION", "6")  # still there by number; its tags say retired
+
+    code, out, err = run_main(capsys, setup_ml, "--job-name", SERVERLESS_JOB)
+
+    assert code == 1 and "retired for serverless fine-tuning on 2025-08-30" in err
+    assert "SERVERLESS_BASE_MODEL=Phi-4-mini-instruct" in err
+    assert not serverless_service.calls("PUT")
