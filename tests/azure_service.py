@@ -2,7 +2,8 @@
 
     service = FakeAzureML()                                  # a workspace with its two datastores
     client = service.ml_client()                             # a real azure.ai.ml.MLClient over it
-    service.add_compute("gpu-nc24s-a100-v4")                 # state the service starts with
+    service.add_compute("gpu-nc24s-a100-v4")                 # state the service starts with (else step 2 creates it)
+    service.quotas[...] = (used, limit)                      # what the preflight finds (also providers, identities)
     service.job_statuses = ["Queued", "Running", "Failed"]   # what run history reports, one status per poll
     ... run a step's main() with get_ml_client patched to return `client` ...
     service.calls("PUT", "/jobs/")                           # the requests azure-ai-ml sent, with their JSON
@@ -26,11 +27,33 @@ How it plugs in (azure-ai-ml 1.35.2):
   once. `jobs.stream()` waits `time.sleep(_wait_before_polling(...))` in
   `azure/ai/ml/operations/_job_ops_helper.py` between polls: `patch_stream_waits()` makes that 0 s.
 
-Payload shapes follow the SDK's generated models (azure/ai/ml/_restclient/arm_ml_service/models,
-_restclient/runhistory/models) and the SDK's recorded sessions (Azure/azure-sdk-for-python,
-sdk/ml/azure-ai-ml/tests/recordings/online_services: workspace, endpoint PUT 201 + mfeOperationsStatus).
-Simplified or assumed, not taken from a recording:
-- every operation ends after one "InProgress" poll, and a test decides how (`deployment_outcomes`);
+Which answer follows what. Payload shapes follow the SDK's generated models (azure/ai/ml/_restclient/arm_ml_service/
+models, _restclient/runhistory/models) and, where named, Microsoft's recorded sessions (Azure/azure-sdk-assets,
+python/sdk/ml/azure-ai-ml/tests/recordings/...) or the REST specification's examples (Azure/azure-rest-api-specs,
+specification/machinelearningservices/resource-manager/Microsoft.MachineLearningServices/stable/2024-04-01/examples):
+- cluster creation (`PUT computes/<name>`): compute/e2etests/test_compute.pyTestComputetest_aml_compute_create_and_delete
+  .json: 201, provisioningState Creating, vmSize upper-cased, Azure-AsyncOperation to computeOperationsStatus, whose
+  polls carry only {"status": "InProgress"} then "Succeeded";
+- online endpoint and deployment PUT: recordings/online_services/e2etests/test_online_endpoint.pyTestOnlineEndpoint
+  test_online_endpoint_e2e.json and test_online_deployment.pyTestOnlineDeploymenttest_online_deployment_create.json:
+  201 with Azure-AsyncOperation, Location and x-ms-async-operation-timeout; mfeOperationsStatus polls say "Updating";
+- VM sizes (`locations/<region>/vmSizes`) and quotas (`locations/<region>/usages`): examples/Usage/list.json (a row
+  per VM family, type .../vmFamily/usages, name {value, localizedValue}, currentValue, limit, unit Count);
+- the azureml registry: recordings/model/e2etests/test_model.pyTestModeltest_create_get_download_model_registry.json
+  (discovery on eastus.api.azureml.ms, then the data plane under primaryRegionResourceProviderUri + mferp/
+  managementfrontend; "latest" is the versions list with $orderBy=createdtime desc&$top=1); the models' tags follow
+  Azure/azureml-assets assets/models/system/<model>/spec.yaml (Phi-3.5-mini-instruct: isArchived, retired
+  2025-08-30); curated environment versions follow assets/training/finetune_acft_hf_nlp/environments/acpt;
+- serverless endpoints: examples/Workspace/ServerlessEndpoint/createOrUpdate.json, get.json, listKeys.json, delete.json.
+Assumed, not taken from a recording or example (marked where they are answered):
+- every operation ends after one in-progress poll, and a test decides how (`deployment_outcomes`);
+- the subscription, resource provider, user-assigned identity and role-assignment bodies carry the fields the
+  preflight reads, in the shapes of their public REST references, not copied from a recording;
+- archived registry versions are left out of the versions list (so "latest" finds none); the region tag's text
+  format ("eastus2, eastus, ...");
+- a serverless fine-tuning job moves through `job_statuses` on its own GETs and, on Completed, registers its model
+  as version "1" under its registered_model output's name; the serverless endpoint's operation is polled through
+  Azure-AsyncOperation like the workspace's others; its inferenceEndpoint.uri is `serverless_scoring_uri`;
 - a model registered from `azureml://jobs/<job>/outputs/<output>` comes back with the output's datastore path
   (`.../datastores/workspaceblobstore/paths/azureml/<job>/<output>/`), and registering one whose output holds
   no files answers ModelAssetPathNotFoundInStorage (the error users report in public issue threads);
