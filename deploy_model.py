@@ -298,8 +298,9 @@ def deployment_has_gpu(instance_type=None):
 
 
 def deployment_image(instance_type=None):
-    """The base image the deployment's environment builds on (CUDA on a GPU instance type)."""
-    return config.AZURE_GPU_INFERENCE_IMAGE if deployment_has_gpu(instance_type) else config.AZURE_INFERENCE_IMAGE
+    """(setting, image): the base image the deployment's environment builds on (CUDA on a GPU instance type)."""
+    setting = "AZURE_GPU_INFERENCE_IMAGE" if deployment_has_gpu(instance_type) else "AZURE_INFERENCE_IMAGE"
+    return setting, getattr(config, setting)
 
 
 def inference_environment(scoring_dir, instance_type=None):

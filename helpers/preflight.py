@@ -71,7 +71,7 @@ def before_training(ml_client):
 
 
 def before_deployment(ml_client, image):
-    """Step 3 on Azure ML, before the model is registered and the endpoint created."""
+    """Step 3 on Azure ML, before the model is registered and the endpoint created; `image`: (its setting, value)."""
     return run(deployment_checks(ml_client, image), "step 3 on Azure ML")
 
 
@@ -102,7 +102,8 @@ def training_checks(ml_client):
 
 
 def deployment_checks(ml_client, image):
-    """Step 3 on Azure ML: sign-in, providers, workspace, the deployment SKU's quota, the identity, the image."""
+    """Step 3 on Azure ML: sign-in, providers, workspace, the deployment SKU's quota, the identity, the image
+    (`image`: the setting that names it, and its value)."""
     state = {}
     return [("sign-in", lambda: signed_in(ml_client)),
             ("providers", lambda: providers_registered(ml_client, TRAINING_PROVIDERS)),
@@ -111,7 +112,7 @@ def deployment_checks(ml_client, image):
                                                lambda vcpus: deployment_vcpus(vcpus, deployment_slots(ml_client)),
                                                "AZURE_DEPLOYMENT_INSTANCE_TYPE", location=workspace_of(state).location)),
             ("managed identity", lambda: identity_access(ml_client, state)),
-            ("inference image", lambda: curated_image_listed(image, "AZURE_INFERENCE_IMAGE"))]
+            ("inference image", lambda: curated_image_listed(image[1], image[0]))]
 
 
 def serverless_checks(ml_client, registry_client, state):
@@ -135,7 +136,10 @@ def run(checks, title):
     """Run every check, print each answer; StepError with the first refusal (and how many more) if any refused."""
     print(f"Preflight ({title}):")
     results = []
-    for name, check in checks:
+    for position, (name, check) in enumerate(checks):
+        if position and results[0].ok is False:  # the sign-in gates every other question
+            print(Result(name, None, "not asked: needs the sign-in").line())
+            continue
         try:
             results.append(Result(name, True, check()))
         except Refused as refusal:
@@ -327,6 +331,7 @@ def role_on(ml_client, principal_id, scope, roles, need, what):
 
 def curated_image_listed(image, setting):
     """A curated image (mcr.microsoft.com/azureml/curated/<name>:<version>) still listed in the azureml registry."""
+    from azure.ai.ml.exceptions import ValidationException
     from azure.core.exceptions import ResourceNotFoundError
 
     match = CURATED_IMAGE.match(image)
@@ -337,7 +342,7 @@ def curated_image_listed(image, setting):
     try:
         environment = (registry.environments.get(name, label="latest") if version == "latest"
                        else registry.environments.get(name, version=version))
-    except ResourceNotFoundError:
+    except (ResourceNotFoundError, ValidationException):  # the label "latest" finding no listed version says the same
         raise Refused(f"The azureml registry no longer lists environment {name} version {version}: `az ml environment "
                       f"list --registry-name azureml --name {name} -o table` lists the current ones; set {setting} "
                       "in .env to one.") from None

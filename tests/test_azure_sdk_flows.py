@@ -438,6 +438,37 @@ def test_each_refusal_stops_step_2_before_anything_is_billed(service, capsys, ch
     assert not [call for call in service.calls_log if call.method in ("PUT", "POST", "DELETE")], "nothing billed"
 
 
+def test_not_signed_in_is_the_one_refusal_and_nothing_else_is_asked(service, monkeypatch, capsys):
+    from azure.ai.ml import MLClient
+    from azure.identity import CredentialUnavailableError
+
+    class SignedOut:
+        def get_token(self, *scopes, **kwargs):
+            raise CredentialUnavailableError("Please run 'az login' to set up an account")
+
+    client = MLClient(credential=SignedOut(), subscription_id=service.subscription_id,
+                      resource_group_name=service.resource_group, workspace_name=service.workspace, transport=service)
+    monkeypatch.setattr(setup_ml, "get_ml_client", lambda: client)
+
+    code, out, err = run_main(capsys, setup_ml, "--check")
+
+    assert code == 1 and "run `az login`" in err and "FAIL  sign-in" in out
+    assert out.count("not asked: needs the sign-in") == 4
+    assert not service.calls_log, "nothing reached Azure without a token"
+
+
+def test_a_gpu_deployment_checks_its_curated_cuda_image(service, monkeypatch, capsys):
+    monkeypatch.setattr(config, "AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_NC4as_T4_v3")
+    service.quotas["Standard NCASv3_T4 Family Cluster Dedicated vCPUs"] = (0, 8)
+    service.registry_environments["minimal-py312-cuda12.4-inference"] = []  # no longer listed
+
+    code, out, err = run_main(capsys, deploy_model, "--check")
+
+    assert code == 1 and "no longer lists environment minimal-py312-cuda12.4-inference version latest" in err
+    assert "set AZURE_GPU_INFERENCE_IMAGE in .env" in err
+    assert "ok    deployment quota: 8 vCPUs of Standard NCASv3_T4 Family Cluster Dedicated vCPUs needed" in out
+
+
 def test_a_curated_image_no_longer_listed_is_refused_with_the_command(service, capsys):
     service.registry_environments["acft-hf-nlp-gpu"] = ["130"]  # 124 no longer listed
 
