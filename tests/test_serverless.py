@@ -471,3 +471,10 @@ def test_chat_completions_requests_become_score_py_requests():
                          ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "must be text")):
         with pytest.raises(Bad, match=reason):
             translated(body)
+
+
+def test_deploy_check_asks_before_any_endpoint_is_made(client, road, capsys):
+    code, out, err = run(deploy_model.main, capsys, "--check")
+    assert code == 0, err
+    assert "ok    project: " in out and "Preflight passed: nothing was deployed." in out
+    client.serverless_endpoints.begin_create_or_update.assert_not_called()
