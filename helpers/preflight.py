@@ -75,17 +75,18 @@ def before_deployment(ml_client, image):
     return run(deployment_checks(ml_client, image), "step 3 on Azure ML")
 
 
-def before_serverless_training(ml_client, registry_client):
-    """Step 2 on the serverless road, before the job; returns {"workspace", "base_model"} as Azure listed them."""
+def before_serverless_training(ml_client, base_model_check):
+    """Step 2 on the serverless road, before the job; `base_model_check(region, state)` is the road's own
+    (serverless/azure_checks.py). Returns {"workspace", "base_model"} as Azure listed them."""
     state = {}
-    run(serverless_checks(ml_client, registry_client, state), "step 2, serverless")
+    run(serverless_checks(ml_client, state, base_model_check), "step 2, serverless")
     return state
 
 
 def before_serverless_deployment(ml_client):
     """Step 3 on the serverless road, before the endpoint; returns {"workspace"}."""
     state = {}
-    run(serverless_checks(ml_client, None, state)[:3], "step 3, serverless")
+    run(serverless_checks(ml_client, state), "step 3, serverless")
     return state
 
 
@@ -115,14 +116,15 @@ def deployment_checks(ml_client, image):
             ("inference image", lambda: curated_image_listed(image[1], image[0]))]
 
 
-def serverless_checks(ml_client, registry_client, state):
-    """The serverless road: sign-in, providers (Microsoft.Network too), the project, the base model and its regions."""
-    from serverless.azure_checks import check_base_model
-
-    return [("sign-in", lambda: signed_in(ml_client)),
-            ("providers", lambda: providers_registered(ml_client, SERVERLESS_PROVIDERS)),
-            ("project", lambda: workspace_found(ml_client, state)),
-            ("base model", lambda: check_base_model(registry_client, workspace_of(state).location, state))]
+def serverless_checks(ml_client, state, base_model_check=None):
+    """The serverless road: sign-in, providers (Microsoft.Network too), the project; then, for step 2, the base
+    model (live, and offered in the project's region)."""
+    checks = [("sign-in", lambda: signed_in(ml_client)),
+              ("providers", lambda: providers_registered(ml_client, SERVERLESS_PROVIDERS)),
+              ("project", lambda: workspace_found(ml_client, state))]
+    if base_model_check is not None:
+        checks.append(("base model", lambda: base_model_check(workspace_of(state).location, state)))
+    return checks
 
 
 def workspace_of(state):

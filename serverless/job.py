@@ -16,7 +16,7 @@ from helpers.azure_ml import azure_errors, get_ml_client, get_registry_client, p
 from helpers.errors import StepError
 from helpers.job_record import UNFINISHED, follow_azure_job, record_job
 from helpers import preflight
-from serverless.azure_checks import note_experimental, refusal, serverless_refusals
+from serverless.azure_checks import check_base_model, note_experimental, refusal, serverless_refusals
 
 
 def base_model_id(model=None):
@@ -27,6 +27,13 @@ def base_model_id(model=None):
     if config.SERVERLESS_BASE_MODEL_VERSION:
         return f"{registry_id}/versions/{config.SERVERLESS_BASE_MODEL_VERSION}"
     return f"{registry_id}/labels/latest"  # the dry run: Azure resolves the label when the job starts
+
+
+def base_model_check():
+    """The preflight's question for this road: is SERVERLESS_BASE_MODEL live in the azureml registry, and offered in
+    the project's region (its tags)?"""
+    registry_client = get_registry_client("azureml")
+    return lambda region, state: check_base_model(registry_client, region, state)
 
 
 def create_serverless_finetuning_job(model_id, job_name):
@@ -55,7 +62,7 @@ def submit_finetuning(job_name):
     """The preflight, then submit the job, follow its status, record it and the model it registered."""
     ml_client = get_ml_client()
     with azure_errors(), serverless_refusals():
-        facts = preflight.before_serverless_training(ml_client, get_registry_client("azureml"))  # nothing billed before
+        facts = preflight.before_serverless_training(ml_client, base_model_check())  # nothing billed before
         workspace, model_id = facts["workspace"], base_model_id(facts["base_model"])
         print(f"Fine-tuning {model_id} serverless in {workspace.location} ({config.SERVERLESS_EPOCHS} epochs, "
               f"learning rate {config.SERVERLESS_LEARNING_RATE}, batch size {config.SERVERLESS_BATCH_SIZE}) ...")
@@ -132,7 +139,7 @@ def finetune(job_name, dry_run, check=False):
     note_experimental()
     if check:
         with azure_errors(), serverless_refusals():
-            preflight.before_serverless_training(get_ml_client(), get_registry_client("azureml"))
+            preflight.before_serverless_training(get_ml_client(), base_model_check())
         print("Preflight passed: nothing was submitted.")
         return 0
     check_chat_data_files()
