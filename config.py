@@ -130,15 +130,18 @@ AZURE_COMPUTE_LOCATION = _str("AZURE_COMPUTE_LOCATION", "")
 AZURE_COMPUTE_TIER = _str("AZURE_COMPUTE_TIER", "dedicated")  # "low_priority" is cheaper but can be pre-empted
 AZURE_COMPUTE_MIN_INSTANCES = _int("AZURE_COMPUTE_MIN_INSTANCES", 0)  # 0 = no cost while idle
 AZURE_COMPUTE_IDLE_SECONDS = _int("AZURE_COMPUTE_IDLE_SECONDS", 300)  # scale down after 5 idle minutes
-# Base images. Newer ones: `az ml environment list --registry-name azureml` (curated) and the tags of
-# https://mcr.microsoft.com/v2/azureml/<image>/tags/list.
-# - GPU: the tutorial's curated fine-tuning image (azureml registry, environment acft-hf-nlp-gpu).
+# Base images; each is pinned for a run you can repeat, and step 2's preflight asks Azure that it is still listed.
+# - GPU: the curated fine-tuning environment acft-hf-nlp-gpu of the azureml registry (Azure/azureml-assets,
+#   assets/training/finetune_acft_hf_nlp/environments/acpt): version 124 is built on
+#   stable-ubuntu2204-cu126-py310-torch280. CUDA 12.6 runs on any driver of the 12.x line (>= 525, CUDA's minor-version
+#   compatibility), which Azure ML's A100 hosts carry; conda.yml's cu126 torch brings its own CUDA libraries on top.
+#   Newer versions: `az ml environment list --registry-name azureml --name acft-hf-nlp-gpu`.
 # - CPU: openmpi4.1.0-ubuntu22.04, listed in Azure/AzureML-Containers' README (Ubuntu 20.04 images are retired).
 AZURE_TRAINING_IMAGE = _str(
     "AZURE_TRAINING_IMAGE",
     "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
     if USE_CPU_COMPUTE
-    else "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:59",
+    else "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:124",
 )
 AZURE_ENVIRONMENT_NAME = _str("AZURE_ENVIRONMENT_NAME", "phi-3-training-environment")
 AZURE_EXPERIMENT_NAME = _str("AZURE_EXPERIMENT_NAME", "phi-3-fine-tuning")
@@ -159,16 +162,19 @@ AZURE_DEPLOYMENT_NAME = _str("AZURE_DEPLOYMENT_NAME", "finetune-phi-deployment")
 AZURE_DEPLOYMENT_INSTANCE_TYPE = _str("AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_E4s_v3")  # 4 vCPU, 32 GiB, no quota
 AZURE_DEPLOYMENT_INSTANCE_COUNT = _int("AZURE_DEPLOYMENT_INSTANCE_COUNT", 1)
 # The deployment brings its own score.py and environment: no-code MLflow deployments keep breaking.
-# A supported inference base image (Microsoft's "prebuilt Docker images for inference" page lists it);
-# scoring_dir/conda.yml brings its own Python 3.11 on top.
-AZURE_INFERENCE_IMAGE = _str("AZURE_INFERENCE_IMAGE", "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest")
+# Microsoft's minimal Python 3.12 inference image (Learn's "prebuilt Docker images for inference" page lists it; Azure's
+# samples deploy on it). scoring_dir/conda.yml brings its own Python on top.
+AZURE_INFERENCE_IMAGE = _str("AZURE_INFERENCE_IMAGE", "mcr.microsoft.com/azureml/minimal-py312-inference:latest")
 # A GPU instance type (the N series: Standard_NC4as_T4_v3, Standard_NC24ads_A100_v4, ...) deploys this CUDA image
-# and scoring_dir/conda_gpu.yml (CUDA 12.6 torch, which brings its own CUDA libraries) instead: the same page lists
-# it as the GPU minimal inference image. AZURE_DEPLOYMENT_HAS_GPU: "auto" (by the instance type), "true", "false".
-AZURE_GPU_INFERENCE_IMAGE = _str("AZURE_GPU_INFERENCE_IMAGE",
-                                 "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cuda11.8-gpu-inference:latest")
+# and scoring_dir/conda_gpu.yml (CUDA 12.6 torch, which brings its own CUDA libraries) instead: the azureml registry's
+# curated environment minimal-py312-cuda12.4-inference (CUDA 12: the same driver line runs torch's cu126 wheels).
+# AZURE_DEPLOYMENT_HAS_GPU: "auto" (by the instance type), "true", "false".
+AZURE_GPU_INFERENCE_IMAGE = _str("AZURE_GPU_INFERENCE_IMAGE", "mcr.microsoft.com/azureml/curated/minimal-py312-cuda12.4-inference:latest")
 AZURE_DEPLOYMENT_HAS_GPU = _str("AZURE_DEPLOYMENT_HAS_GPU", "auto")
-MAX_CONCURRENT_REQUESTS_PER_INSTANCE = _int("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", 3)  # more wait, then 429
+# The local endpoint admits this many; on Azure, unless set, step 3 derives it from the served runtime's measured
+# speed so that an admitted request finishes inside REQUEST_TIMEOUT_MS and the rest get 429 at once
+# (helpers/serving_speed.py says the arithmetic).
+MAX_CONCURRENT_REQUESTS_PER_INSTANCE = _int("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", 3)
 # Local endpoint only: how long a request waits for a free slot before 429. (Azure deprecated its
 # max_queue_wait_ms request setting; deploy_model.py leaves it out.) Longer: fewer 429s, slower ones.
 MAX_QUEUE_WAIT_MS = _int("MAX_QUEUE_WAIT_MS", 500)
@@ -205,20 +211,24 @@ ONNX_MIN_IDENTICAL_ANSWERS = _float("ONNX_MIN_IDENTICAL_ANSWERS", 1.0)
 ONNX_MAX_PERPLEXITY_INCREASE = _float("ONNX_MAX_PERPLEXITY_INCREASE", 0.01)
 
 # --- The serverless road (TARGET=serverless): Azure AI Foundry fine-tunes and hosts, billed per token ------
-# Needs a pay-as-you-go subscription, a hub-based project (its name goes in AZURE_ML_WORKSPACE_NAME) in a region
-# that fine-tunes the model serverless, Microsoft.Network registered, and the Azure AI Developer role (docs/serverless.md).
-# Catalogue models this road knows, by the registry id the fine-tuning job takes (versions: see the next setting).
+# Needs a pay-as-you-go subscription, a hub-based project (its name goes in AZURE_ML_WORKSPACE_NAME) in a region where
+# the model fine-tunes serverless, Microsoft.Network registered, and Owner or Contributor on the subscription
+# (docs/serverless.md). Whether the model is still offered, and in which regions, step 2 reads from the model's own
+# entry in the azureml registry (its tags) before anything is billed.
+# Catalogue models by the registry id the fine-tuning job takes (versions: see the next setting).
 SERVERLESS_MODELS = {
-    "Phi-4-mini-instruct": "azureml://registries/azureml/models/Phi-4-mini-instruct",  # 128k context, newer
-    "Phi-3.5-mini-instruct": "azureml://registries/azureml/models/Phi-3.5-mini-instruct",  # the tutorial's model
+    "Phi-4-mini-instruct": "azureml://registries/azureml/models/Phi-4-mini-instruct",  # 128k context; the default
+    "Phi-3.5-mini-instruct": "azureml://registries/azureml/models/Phi-3.5-mini-instruct",  # the tutorial's; the registry says if it is retired
 }
 SERVERLESS_BASE_MODEL = _str("SERVERLESS_BASE_MODEL", "Phi-4-mini-instruct")  # a key of SERVERLESS_MODELS
 if SERVERLESS_BASE_MODEL not in SERVERLESS_MODELS:
     raise ValueError(f"SERVERLESS_BASE_MODEL={SERVERLESS_BASE_MODEL!r} is not known; use one of {', '.join(SERVERLESS_MODELS)}")
+SERVERLESS_DEFAULT_MODEL = "Phi-4-mini-instruct"  # what a refusal of a retired SERVERLESS_BASE_MODEL suggests instead
 # Empty: the version labelled "latest" in the azureml registry, looked up when the job is submitted (and recorded).
 SERVERLESS_BASE_MODEL_VERSION = _str("SERVERLESS_BASE_MODEL_VERSION", "")
-# Regions where the project may be (serverless fine-tuning of Phi runs in East US 2); empty skips the check.
-SERVERLESS_REGIONS = tuple(r.strip() for r in _str("SERVERLESS_REGIONS", "eastus2").split(",") if r.strip())
+# Empty: the regions the registry's model lists (its maas-finetuning-deploy-regions tag). Set (comma-separated, e.g.
+# eastus2) only to narrow them further, e.g. to your organisation's allowed regions.
+SERVERLESS_REGIONS = tuple(r.strip().replace(" ", "").lower() for r in _str("SERVERLESS_REGIONS", "").split(",") if r.strip())
 # The hyperparameters of Azure's chat-completion fine-tuning (strings on the wire). The tutorial's values:
 SERVERLESS_EPOCHS = _int("SERVERLESS_EPOCHS", 3)  # each epoch is billed per training token: 2x epochs, 2x cost
 SERVERLESS_LEARNING_RATE = _float("SERVERLESS_LEARNING_RATE", 5e-6)  # higher learns faster, forgets more
@@ -254,6 +264,11 @@ class MissingSettingsError(StepError):
 def is_placeholder(value):
     """True for an empty value or one still shaped like "<your-...>"."""
     return not value or value.startswith(PLACEHOLDER_PREFIX)
+
+
+def is_set(name):
+    """True when the setting `name` comes from the environment or .env, not from its default here."""
+    return name in os.environ or name in _ENV_FILE_VALUES
 
 
 def require(*names):

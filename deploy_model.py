@@ -3,6 +3,7 @@
     python deploy_model.py                          # local: MLflow registry + an endpoint on 127.0.0.1:5001
     TARGET=azure python deploy_model.py             # Azure ML managed online endpoint on Standard_E4s_v3
     TARGET=azure python deploy_model.py --dry-run   # builds and validates model, endpoint, deployment; no network
+    TARGET=azure python deploy_model.py --check     # asks Azure what the deployment needs (quota, identity, ...)
     TARGET=serverless python deploy_model.py        # a serverless endpoint for the model step 2 fine-tuned (serverless/)
 
 The job comes from outputs/last_job.json (written by setup_ml.py) or --job-name. Both targets deploy
@@ -27,8 +28,10 @@ import config
 from helpers.azure_ml import (azure_errors, check_name, get_ml_client, print_deployment_log_tail, print_validated,
                               state_name, wait_with_progress)
 from helpers.endpoint import publish, smoke_answer, smoke_request
+from helpers import preflight
 from helpers.errors import StepError, exit_code
 from helpers.job_record import find_job, read_last_job
+from helpers.serving_speed import PROBE_FAILURE_THRESHOLD, endpoint_settings
 from scoring_dir.contract import SCORE_ENVIRONMENT, SLOTS, SMOKE_QUESTION
 import serverless
 
@@ -59,10 +62,11 @@ def create_or_update_endpoint(ml_client, endpoint_name, description):
     return endpoint
 
 
-def create_or_update_deployment(ml_client, endpoint_name, deployment_name, model):
+def create_or_update_deployment(ml_client, endpoint_name, deployment_name, model, settings):
     """Create (or update) the deployment and wait until Azure says it succeeded (a failure raises)."""
     print(f"Deploying {deployment_name} to {endpoint_name} on {config.AZURE_DEPLOYMENT_INSTANCE_TYPE} (this takes 10-20 minutes) ...")
-    poller = ml_client.online_deployments.begin_create_or_update(build_deployment(endpoint_name, deployment_name, model))
+    poller = ml_client.online_deployments.begin_create_or_update(
+        build_deployment(endpoint_name, deployment_name, model, settings))
     return wait_with_progress(poller, f"deployment {deployment_name}")
 
 
@@ -84,12 +88,14 @@ def deploy_azure(job_name, keep_previous=False):
     ml_client = get_ml_client()
     endpoint_name = config.AZURE_ENDPOINT_NAME
     with azure_errors():
+        preflight.before_deployment(ml_client, deployment_image())  # not in the tutorial: asked before anything is billed
+        settings = serving_settings(export_record(ml_client, job_name))
         model = register_model(ml_client, config.AZURE_MODEL_NAME, job_name)
         endpoint = create_or_update_endpoint(ml_client, endpoint_name, f"Phi-3 fine-tuned by {job_name}")
         deployment_name = f"{config.AZURE_DEPLOYMENT_NAME}-{next_slot(endpoint)}"
         try:  # unlike the tutorial, a failed deployment is reported and exits non-zero; traffic stays
             delete_if_failed(ml_client, endpoint, deployment_name)
-            create_or_update_deployment(ml_client, endpoint_name, deployment_name, model)
+            create_or_update_deployment(ml_client, endpoint_name, deployment_name, model, settings)
             answer = smoke_test_azure(ml_client, endpoint_name, deployment_name)
         except (HttpResponseError, ServiceRequestError, ServiceResponseError, MlException, StepError, ValueError,
                 KeyboardInterrupt) as error:
@@ -145,12 +151,13 @@ def build_endpoint(endpoint_name, description):
     )
 
 
-def build_deployment(endpoint_name, deployment_name, model):
-    """The deployment: our score.py and pinned environment on Standard_E4s_v3, with the tutorial's settings."""
+def build_deployment(endpoint_name, deployment_name, model, settings):
+    """The deployment: our score.py and pinned environment on Standard_E4s_v3; concurrency and probes from `settings`."""
     from azure.ai.ml.entities import CodeConfiguration, ManagedOnlineDeployment, OnlineRequestSettings, ProbeSettings
 
-    # The tutorial's probes: a 7.6 GB model needs minutes to load on a CPU before the first answer.
-    probe = ProbeSettings(failure_threshold=30, success_threshold=1, period=100, initial_delay=500)
+    # Unlike the tutorial's fixed 500 s, the probes wait as long as the served runtime needs to load (serving_speed.py).
+    probe = ProbeSettings(failure_threshold=PROBE_FAILURE_THRESHOLD, success_threshold=1, period=settings.probe_period_s,
+                          initial_delay=settings.probe_initial_delay_s)
     return ManagedOnlineDeployment(
         name=deployment_name,
         endpoint_name=endpoint_name,
@@ -170,12 +177,44 @@ def build_deployment(endpoint_name, deployment_name, model):
         },
         # The tutorial also set max_queue_wait_ms; Azure deprecated it (requests wait up to request_timeout_ms).
         request_settings=OnlineRequestSettings(
-            max_concurrent_requests_per_instance=config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE,
+            max_concurrent_requests_per_instance=settings.max_concurrent_requests,
             request_timeout_ms=config.REQUEST_TIMEOUT_MS,
         ),
         liveness_probe=probe,
         readiness_probe=copy.deepcopy(probe),
     )
+
+
+# --- Concurrency and probes from the job's measured speed (not in the tutorial: it fixed 3 and 500 s) ---------------
+def export_record(ml_client, job_name):
+    """The job's export record (model_output/onnx_export.json: the export's measured speed), or None without one."""
+    from azure.ai.ml._artifacts._artifact_utilities import download_artifact_from_aml_uri
+
+    output = (ml_client.jobs.get(job_name).outputs or {}).get("model_output")
+    uri = getattr(output, "path", None)
+    if not isinstance(uri, str) or not uri.startswith("azureml://datastores/"):
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        # The SDK's own downloader, for one small file: jobs.download would fetch the whole model (gigabytes).
+        download_artifact_from_aml_uri(uri.rstrip("/") + "/onnx_export.json", folder, ml_client.datastores)
+        found = sorted(Path(folder).rglob("onnx_export.json"))
+        return json.loads(found[0].read_text(encoding="utf-8")) if found else None
+
+
+def serving_settings(record):
+    """The deployment's concurrency and probes for the runtime it will serve (MAX_CONCURRENT_REQUESTS_PER_INSTANCE,
+    when set, overrides the derived concurrency); printed with where the speed came from."""
+    settings = endpoint_settings(record, deployment_has_gpu())
+    if config.is_set("MAX_CONCURRENT_REQUESTS_PER_INSTANCE"):
+        settings.max_concurrent_requests = config.MAX_CONCURRENT_REQUESTS_PER_INSTANCE
+    print(f"Serving with {settings.runtime} at {settings.tokens_per_second:g} tokens/s ({settings.source}): a full "
+          f"request takes ~{settings.seconds_per_request:g} s, so {settings.max_concurrent_requests} concurrent "
+          f"request(s) per instance; probes start after {settings.probe_initial_delay_s} s.")
+    if settings.seconds_per_request * 1000 > config.REQUEST_TIMEOUT_MS:
+        print(f"Warning: one full request (~{settings.seconds_per_request:g} s) is longer than REQUEST_TIMEOUT_MS "
+              f"({config.REQUEST_TIMEOUT_MS} ms): lower MAX_INPUTS_PER_REQUEST, or serve a faster export.",
+              file=sys.stderr)
+    return settings
 
 
 # --- The smoke request (not in the tutorial: a bad model never gets the traffic) ---------------------------
@@ -258,6 +297,12 @@ def deployment_has_gpu(instance_type=None):
     return bool(GPU_INSTANCE_TYPE.match(instance_type or config.AZURE_DEPLOYMENT_INSTANCE_TYPE))
 
 
+def deployment_image(instance_type=None):
+    """(setting, image): the base image the deployment's environment builds on (CUDA on a GPU instance type)."""
+    setting = "AZURE_GPU_INFERENCE_IMAGE" if deployment_has_gpu(instance_type) else "AZURE_INFERENCE_IMAGE"
+    return setting, getattr(config, setting)
+
+
 def inference_environment(scoring_dir, instance_type=None):
     """The deployment's Environment: the CPU image and conda.yml (CPU torch), or on a GPU instance type the CUDA
     image and conda_gpu.yml (CUDA torch; score.py then loads the model in bf16, or fp16 where the GPU lacks bf16)."""
@@ -278,7 +323,9 @@ def dry_run_azure(job_name):
     check_deploy_names()
     model = build_model(config.AZURE_MODEL_NAME, job_name)
     endpoint = build_endpoint(config.AZURE_ENDPOINT_NAME, f"Phi-3 fine-tuned by {job_name}")
-    deployment = build_deployment(config.AZURE_ENDPOINT_NAME, f"{config.AZURE_DEPLOYMENT_NAME}-{SLOTS[0]}", model)
+    # Offline, the job's export record is not read: the stated default speed; the real run reads the record.
+    deployment = build_deployment(config.AZURE_ENDPOINT_NAME, f"{config.AZURE_DEPLOYMENT_NAME}-{SLOTS[0]}", model,
+                                  serving_settings(None))
     print_validated([("Model", model, load_model), ("Endpoint", endpoint, load_online_endpoint),
                      ("Deployment", deployment, load_online_deployment)])
     print("Dry run: nothing was registered or deployed.")
@@ -290,6 +337,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job-name", default=None, help="the fine-tuning job to deploy (default: the last one setup_ml.py ran)")
     parser.add_argument("--dry-run", action="store_true", help="Azure: build and validate everything, deploy nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="Azure: ask Azure whether the deployment can run (quota, identity, image), deploy nothing")
     parser.add_argument("--foreground", action="store_true", help="local: keep the endpoint in this terminal")
     parser.add_argument("--keep-previous", action="store_true",
                         help="Azure: keep the previous deployment (at 0%% traffic, still billed) for a rollback")
@@ -305,7 +354,12 @@ def main(argv=None):
 
             return deploy_local(find_job(args.job_name, "local"), args.foreground)
         if config.TARGET == "serverless":  # Azure AI Foundry's serverless API instead of an online endpoint
-            return serverless.deploy(args.job_name, args.dry_run)
+            return serverless.deploy(args.job_name, args.dry_run, args.check)
+        if args.check:
+            config.require(*config.AZURE_DEPLOY_SETTINGS)
+            with azure_errors():
+                return preflight.checked(preflight.deployment_checks(get_ml_client(), deployment_image()),
+                                         "step 3 on Azure ML")
         if args.dry_run:
             return dry_run_azure(args.job_name or (read_last_job() or {}).get("name") or "<job-name>")
         return deploy_azure(find_job(args.job_name, "azure")["name"], args.keep_previous)

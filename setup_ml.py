@@ -4,6 +4,7 @@
     python setup_ml.py --cancel                 # local: cancels a job an interrupted run left running
     TARGET=azure python setup_ml.py             # Azure ML: A100 cluster, command job, log streamed here
     TARGET=azure python setup_ml.py --dry-run   # builds and validates the job, no network call
+    TARGET=azure python setup_ml.py --check     # asks Azure what the job needs (sign-in, quota, ...), submits nothing
     TARGET=serverless python setup_ml.py        # Azure AI Foundry's serverless fine-tuning (serverless/)
 
 Azure ML: an Environment built from conda.yml, an AmlCompute cluster and a command job that runs
@@ -21,6 +22,7 @@ from pathlib import Path
 import config
 from helpers.azure_ml import (azure_errors, check_name, get_ml_client, print_job_log_tail, print_validated, state_name,
                       validate_job_bindings)
+from helpers import preflight
 from helpers.job_record import follow_azure_job
 import serverless
 from helpers.errors import StepError, exit_code
@@ -96,6 +98,7 @@ def run_azure_job(job_name):
     """The tutorial's main(): environment, compute, submit, stream; then check how the job ended."""
     ml_client = get_ml_client()
     with azure_errors():
+        preflight.before_training(ml_client)  # not in the tutorial: quota, providers, ... asked before anything is billed
         environment = create_or_get_environment(ml_client)
         create_or_get_compute_cluster(ml_client, config.AZURE_COMPUTE_NAME, config.AZURE_COMPUTE_INSTANCE_TYPE,
                                       config.AZURE_COMPUTE_LOCATION)
@@ -210,6 +213,8 @@ def parse_args(argv=None):
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="build and validate everything, run or submit nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="Azure: ask Azure whether the job can run (sign-in, providers, quota, image), submit nothing")
     parser.add_argument("--job-name", default=None, help="name for the job (default: JOB_NAME, or generated)")
     parser.add_argument("--cancel", action="store_true", help="local: cancel the job a previous run left running")
     return parser.parse_args(argv)
@@ -232,9 +237,12 @@ def main(argv=None):
                                        str(config.TEST_DATA_PATH), str(model_output))
             return job_runner.run_local_job(job_name, command, dry_run=args.dry_run)
         if config.TARGET == "serverless":  # Azure AI Foundry fine-tunes a catalogue Phi: serverless/
-            return serverless.finetune(job_name, args.dry_run)
+            return serverless.finetune(job_name, args.dry_run, args.check)
         config.require(*config.AZURE_WORKSPACE_SETTINGS)
-        check_name(config.AZURE_COMPUTE_NAME, "AZURE_COMPUTE_NAME", 24, "compute cluster")
+        check_name(config.AZURE_COMPUTE_NAME, "AZURE_COMPUTE_NAME", 32, "compute cluster")
+        if args.check:
+            with azure_errors():
+                return preflight.checked(preflight.training_checks(get_ml_client()), "step 2 on Azure ML")
         check_data_files()
         return dry_run(job_name) if args.dry_run else run_azure_job(job_name)
     except StepError as error:  # config.MissingSettingsError included

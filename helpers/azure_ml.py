@@ -84,7 +84,7 @@ def first_line(error):
 
 
 # --- Names and offline validation (--dry-run) -------------------------------------------------------
-# Online endpoints and deployments: 3-32 characters; computes: 3-24. A letter first, then letters, digits and
+# Online endpoints, deployments and AmlCompute clusters: 3-32 characters (24 is the compute-instance rule). A letter first, then letters, digits and
 # hyphens, no hyphen last. Endpoint names are also unique per region across all subscriptions.
 NAME_RULE = re.compile(r"[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9]")
 
@@ -116,6 +116,25 @@ def dump_yaml(entity, path):
     data = copy.deepcopy(entity).dump(path)
     if data is not None:  # ManagedOnlineEndpoint.dump() ignores `path` and returns the dict, with nulls
         Path(path).write_text(yaml.safe_dump(without_nulls(json.loads(json.dumps(data))), sort_keys=False))
+    local = local_inputs(entity)
+    if local:  # dump() writes a local file input as "azureml:/tmp/...", an asset name; the SDK uploads the file instead
+        data = yaml.safe_load(Path(path).read_text())
+        for keys, local_path in local.items():
+            place = data
+            for key in keys:
+                place = place[key]
+            place["path"] = local_path
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def local_inputs(entity):
+    """{YAML keys: local path} of a job's inputs that are files on this machine (uploaded when the job is sent): a
+    command job's inputs, a fine-tuning job's training and validation data."""
+    found = {("inputs", name): value for name, value in (getattr(entity, "inputs", None) or {}).items()}
+    found.update({(key,): getattr(entity, key, None) for key in ("training_data", "validation_data")})
+    return {keys: str(value.path) for keys, value in found.items()
+            if isinstance(getattr(value, "path", None), str) and Path(value.path).is_absolute()
+            and Path(value.path).exists()}
 
 
 def validate(entity, loader, title):

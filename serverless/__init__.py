@@ -7,15 +7,15 @@
 
 Each step reaches this road through one line (`serverless.finetune(...)`, `serverless.deploy(...)`, ...), so a
 reader of the steps for Azure ML keeps one road in mind. Missing settings stop a step before any network call;
-Azure's usual refusals of this road (region, provider registration, role, quota) become one sentence
-(serverless/azure_checks.py).
+the preflight (helpers/preflight.py) asks Azure the rest before anything is billed, and Azure's usual refusals of
+this road (region, provider registration, role, quota) become one sentence (serverless/azure_checks.py).
 
 | module           | what it holds                                                                     |
 |------------------|-----------------------------------------------------------------------------------|
 | chat_data.py     | step 1: the chat-completions JSONL that serverless fine-tuning reads              |
 | job.py           | step 2: the fine-tuning job, submitted and followed until it ends                 |
 | endpoint.py      | step 3: the serverless endpoint, its smoke request and .env; its deletion         |
-| azure_checks.py  | the road's prerequisites (region) and Azure's refusals as sentences               |
+| azure_checks.py  | the base model's facts from the registry (retired? regions) and Azure's refusals  |
 """
 
 from serverless.chat_data import save_chat_completions_jsonl

@@ -1,8 +1,10 @@
-"""Prerequisites of the serverless road and Azure's refusals of it, each as one sentence that says what to do."""
+"""The serverless road's facts read from Azure (the base model's registry tags) and Azure's refusals as sentences."""
 
 import contextlib
 import logging
+import re
 import sys
+from datetime import date
 
 import config
 from helpers.errors import StepError
@@ -15,28 +17,86 @@ def note_experimental():
           file=sys.stderr)
 
 
-def check_region(ml_client):
-    """The workspace, once its region is one of SERVERLESS_REGIONS (where serverless fine-tuning of Phi runs)."""
-    workspace = ml_client.workspaces.get(config.AZURE_ML_WORKSPACE_NAME)
-    region = (workspace.location or "").replace(" ", "").lower()
-    if config.SERVERLESS_REGIONS and region not in config.SERVERLESS_REGIONS:
-        raise StepError(f"Workspace {config.AZURE_ML_WORKSPACE_NAME} is in {workspace.location}, and serverless fine-tuning "
-                        f"of {config.SERVERLESS_BASE_MODEL} runs in {', '.join(config.SERVERLESS_REGIONS)}: create a "
-                        "hub-based project there (docs/serverless.md) and set AZURE_ML_WORKSPACE_NAME to it.")
-    return workspace
+# The azureml registry's model tags (Azure/azureml-assets, assets/models/system/<model>/spec.yaml) say what Azure offers.
+RETIREMENT_TAGS = ("FinetuneRetirementDate", "InferenceRetirementDate")  # past: the model is retired for this road
+REGIONS_TAG = "maas-finetuning-deploy-regions"  # where it fine-tunes and deploys serverless (Microsoft's own samples read it)
+
+
+def region_key(region):
+    """A region as both sides can be compared: "East US 2" and "eastus2" are the same."""
+    return re.sub(r"[^a-z0-9]", "", str(region).lower())
+
+
+def tag_regions(tags):
+    """The regions of the model's maas-finetuning-deploy-regions tag (a list, or text like "[eastus2, westus3]")."""
+    value = (tags or {}).get(REGIONS_TAG) or ""
+    items = value if isinstance(value, (list, tuple)) else re.split(r"[,;]", str(value).strip("[]"))
+    return tuple(region_key(item.strip().strip("'\"")) for item in items if item.strip().strip("'\""))
+
+
+def retired_on(tags):
+    """The first of the model's retirement dates that has passed, or None."""
+    for name in RETIREMENT_TAGS:
+        value = str((tags or {}).get(name) or "")[:10]
+        if value and date.fromisoformat(value) <= date.today():
+            return value
+    return None
+
+
+def use_instead():
+    """The sentence that names the model to use instead of a retired one."""
+    return (f"set SERVERLESS_BASE_MODEL={config.SERVERLESS_DEFAULT_MODEL} in .env (the current Phi that Azure "
+            "fine-tunes serverless) and run the step again")
+
+
+def registry_model(registry_client):
+    """SERVERLESS_BASE_MODEL as the azureml registry lists it: the pinned version, else the one labelled latest."""
+    from azure.ai.ml.exceptions import ValidationException
+    from azure.core.exceptions import ResourceNotFoundError
+
+    name = config.SERVERLESS_BASE_MODEL
+    try:
+        if config.SERVERLESS_BASE_MODEL_VERSION:
+            return registry_client.models.get(name, version=config.SERVERLESS_BASE_MODEL_VERSION)
+        return registry_client.models.get(name, label="latest")
+    except (ResourceNotFoundError, ValidationException):  # the label "latest" finds no listed version: archived
+        other = "" if name == config.SERVERLESS_DEFAULT_MODEL else f": {use_instead()}"
+        raise StepError(f"The azureml registry no longer lists {name}"
+                        f"{' version ' + config.SERVERLESS_BASE_MODEL_VERSION if config.SERVERLESS_BASE_MODEL_VERSION else ''}"
+                        f" (archived or retired){other}.") from None
+
+
+def check_base_model(registry_client, workspace_region, state):
+    """The base model live in the registry (not retired) and offered in the workspace's region; kept in state."""
+    model = registry_model(registry_client)
+    state["base_model"] = model
+    tags = model.tags or {}
+    retired = retired_on(tags)
+    if retired:
+        raise StepError(f"{model.name} was retired for serverless fine-tuning on {retired} (the azureml registry's "
+                        f"model tags): {use_instead()}.")
+    regions = tag_regions(tags)
+    if config.SERVERLESS_REGIONS:  # the user's own narrowing, on top of Azure's list
+        regions = tuple(region for region in regions if region in config.SERVERLESS_REGIONS) if regions else config.SERVERLESS_REGIONS
+    if regions and region_key(workspace_region) not in regions:
+        raise StepError(f"Workspace {config.AZURE_ML_WORKSPACE_NAME} is in {workspace_region}, and {model.name} fine-tunes "
+                        f"serverless in {', '.join(regions)}: create a hub-based project in one of them "
+                        "(docs/serverless.md) and set AZURE_ML_WORKSPACE_NAME to it.")
+    where = f"offered in {workspace_region}" if regions else f"the registry lists no regions for it ({REGIONS_TAG})"
+    return f"{model.name} version {model.version} live; {where}"
 
 
 def refusal(text):
     """Azure's usual refusal of this road in `text`, as one sentence that says what to do; None for others."""
     low = text.lower()
-    scope = f"/subscriptions/{config.AZURE_SUBSCRIPTION_ID}/resourceGroups/{config.AZURE_RESOURCE_GROUP_NAME}"
+    scope = f"/subscriptions/{config.AZURE_SUBSCRIPTION_ID}"
     if "microsoft.network" in low or "missingsubscriptionregistration" in low or "not registered to use" in low:
         return ("The subscription has not registered the Microsoft.Network resource provider: run `az provider register "
                 "--namespace Microsoft.Network`, wait until `az provider show -n Microsoft.Network --query "
                 "registrationState` says Registered, then run the step again.")
     if "authorizationfailed" in low or "does not have authorization" in low or "forbidden" in low:
-        return ("Azure refused the permission: ask for the Azure AI Developer role on the resource group "
-                f"(`az role assignment create --assignee <your-sign-in> --role \"Azure AI Developer\" --scope {scope}`), "
+        return ("Azure refused the permission: serverless fine-tuning needs Owner or Contributor on the subscription "
+                f"(`az role assignment create --assignee <your-sign-in> --role Contributor --scope {scope}`), "
                 "then run the step again.")
     if "quota" in low:
         return ("Azure refused for quota (one serverless deployment per model per project; fine-tuning jobs per "
@@ -44,7 +104,8 @@ def refusal(text):
                 "in the Azure portal (Quotas), then run the step again.")
     if ("region" in low or "location" in low) and ("not supported" in low or "not available" in low):
         return (f"{config.SERVERLESS_BASE_MODEL} is not offered serverless in this project's region: create a hub-based "
-                "project in East US 2 and set AZURE_ML_WORKSPACE_NAME to it.")
+                f"project in a region its registry entry lists (`TARGET=serverless python setup_ml.py --check` names "
+                "them) and set AZURE_ML_WORKSPACE_NAME to it.")
     if "pay-as-you-go" in low or "free trial" in low or "subscription type" in low:
         return ("Serverless fine-tuning needs a pay-as-you-go subscription (free and trial ones are refused): set "
                 "AZURE_SUBSCRIPTION_ID to one.")

@@ -17,16 +17,20 @@ from helpers.errors import StepError
 from helpers.endpoint import publish, smoke_test
 from helpers.job_record import find_job, read_last_job
 from scoring_dir.contract import CHAT_COMPLETIONS_PATH, SMOKE_QUESTION
-from serverless.azure_checks import check_region, note_experimental, serverless_refusals
+from helpers import preflight
+from serverless.azure_checks import note_experimental, serverless_refusals
 from serverless.job import registered_model
 
 
 def build_serverless_endpoint(endpoint_name, model_id, job_name):
-    """The ServerlessEndpoint entity: key-authenticated, serving the fine-tuned model."""
+    """The ServerlessEndpoint entity, serving the fine-tuned model (Azure gives it key authentication).
+
+    Only what azure-ai-ml sends is set: its request carries the model id, the tags, the Consumption sku and the
+    location (ServerlessEndpoint._to_rest_object); an auth_mode or description would be printed and never sent.
+    """
     from azure.ai.ml.entities import ServerlessEndpoint
 
-    return ServerlessEndpoint(name=endpoint_name, model_id=model_id, auth_mode="key",
-                              description=f"Phi fine-tuned serverless by job {job_name}", tags={"job_name": job_name})
+    return ServerlessEndpoint(name=endpoint_name, model_id=model_id, tags={"job_name": job_name})
 
 
 def fine_tuned_model_id(location, workspace_id, model):
@@ -71,8 +75,8 @@ def deploy_serverless(job_name):
     ml_client = get_ml_client()
     endpoint_name = config.SERVERLESS_ENDPOINT_NAME
     with azure_errors(), serverless_refusals():
+        workspace = preflight.before_serverless_deployment(ml_client)["workspace"]  # nothing billed before
         model = model or registered_model(ml_client, job_name)
-        workspace = check_region(ml_client)
         # _workspace_id: the workspace's GUID, which the model id needs; azure-ai-ml has no public name for it.
         model_id = fine_tuned_model_id(workspace.location, workspace._workspace_id, model)
         endpoint = create_or_reuse_endpoint(ml_client, endpoint_name, model_id, job_name)
@@ -106,11 +110,16 @@ def dry_run_deploy(job_name):
     return 0
 
 
-def deploy(job_name, dry_run):
-    """Step 3 on the serverless road."""
+def deploy(job_name, dry_run, check=False):
+    """Step 3 on the serverless road (check: the preflight only)."""
     config.require(*config.SERVERLESS_DEPLOY_SETTINGS)
     check_name(config.SERVERLESS_ENDPOINT_NAME, "SERVERLESS_ENDPOINT_NAME", 32, "serverless endpoint")
     note_experimental()
+    if check:
+        with azure_errors():
+            preflight.before_serverless_deployment(get_ml_client())
+        print("Preflight passed: nothing was deployed.")
+        return 0
     if dry_run:
         return dry_run_deploy(job_name or (read_last_job() or {}).get("name") or "<job-name>")
     return deploy_serverless(job_name)

@@ -15,17 +15,25 @@ import config
 from helpers.azure_ml import azure_errors, get_ml_client, get_registry_client, print_validated, state_name
 from helpers.errors import StepError
 from helpers.job_record import UNFINISHED, follow_azure_job, record_job
-from serverless.azure_checks import check_region, note_experimental, refusal, serverless_refusals
+from helpers import preflight
+from serverless.azure_checks import check_base_model, note_experimental, refusal, serverless_refusals
 
 
-def base_model_id(registry_client=None):
-    """The catalogue model's registry id with its version (SERVERLESS_BASE_MODEL_VERSION, else "latest" looked up)."""
+def base_model_id(model=None):
+    """The catalogue model's registry id with its version: the registry's answer, else (the dry run) what was set."""
+    if model is not None:
+        return model.id
     registry_id = config.SERVERLESS_MODELS[config.SERVERLESS_BASE_MODEL]
     if config.SERVERLESS_BASE_MODEL_VERSION:
         return f"{registry_id}/versions/{config.SERVERLESS_BASE_MODEL_VERSION}"
-    if registry_client is None:  # the dry run: Azure resolves the label when the job starts
-        return f"{registry_id}/labels/latest"
-    return registry_client.models.get(config.SERVERLESS_BASE_MODEL, label="latest").id
+    return f"{registry_id}/labels/latest"  # the dry run: Azure resolves the label when the job starts
+
+
+def base_model_check():
+    """The preflight's question for this road: is SERVERLESS_BASE_MODEL live in the azureml registry, and offered in
+    the project's region (its tags)?"""
+    registry_client = get_registry_client("azureml")
+    return lambda region, state: check_base_model(registry_client, region, state)
 
 
 def create_serverless_finetuning_job(model_id, job_name):
@@ -51,11 +59,11 @@ def create_serverless_finetuning_job(model_id, job_name):
 
 
 def submit_finetuning(job_name):
-    """Check the region, submit the job, follow its status, record it and the model it registered."""
+    """The preflight, then submit the job, follow its status, record it and the model it registered."""
     ml_client = get_ml_client()
     with azure_errors(), serverless_refusals():
-        workspace = check_region(ml_client)
-        model_id = base_model_id(get_registry_client("azureml"))
+        facts = preflight.before_serverless_training(ml_client, base_model_check())  # nothing billed before
+        workspace, model_id = facts["workspace"], base_model_id(facts["base_model"])
         print(f"Fine-tuning {model_id} serverless in {workspace.location} ({config.SERVERLESS_EPOCHS} epochs, "
               f"learning rate {config.SERVERLESS_LEARNING_RATE}, batch size {config.SERVERLESS_BATCH_SIZE}) ...")
         job = ml_client.jobs.create_or_update(create_serverless_finetuning_job(model_id, job_name))
@@ -125,10 +133,15 @@ def check_chat_data_files():
         raise StepError(f"{', '.join(missing)} not found: run `TARGET=serverless python download_dataset.py` first.")
 
 
-def finetune(job_name, dry_run):
-    """Step 2 on the serverless road."""
+def finetune(job_name, dry_run, check=False):
+    """Step 2 on the serverless road (check: the preflight only)."""
     config.require(*config.AZURE_WORKSPACE_SETTINGS)  # a project is a workspace
     note_experimental()
+    if check:
+        with azure_errors(), serverless_refusals():
+            preflight.before_serverless_training(get_ml_client(), base_model_check())
+        print("Preflight passed: nothing was submitted.")
+        return 0
     check_chat_data_files()
     return dry_run_finetuning(job_name) if dry_run else submit_finetuning(job_name)
 

@@ -174,6 +174,30 @@ def forbid_ml_client(monkeypatch, module=None):
         monkeypatch.setattr(module, "get_ml_client", refuse)
 
 
+def skip_preflight(monkeypatch):
+    """Steps 2 and 3 on Azure ML without their preflight (tests/test_azure_sdk_flows.py runs it against the fake
+    service); returns the list of titles it was asked for, so a test can see that it ran first."""
+    from helpers import preflight
+
+    asked = []
+    monkeypatch.setattr(preflight, "run", lambda checks, title: asked.append(title) or [])
+    return asked
+
+
+def serve_arm_reads(monkeypatch, registered=("Microsoft.MachineLearningServices", "Microsoft.ContainerRegistry",
+                                             "Microsoft.Network"), subscription_state="Enabled"):
+    """The preflight's raw ARM reads (subscription, resource providers) answered as ARM does, for mocked clients."""
+    from helpers import preflight
+
+    def arm_get(ml_client, path, api_version):
+        if path == f"/subscriptions/{FAKE_SUBSCRIPTION_ID}":
+            return 200, {"subscriptionId": FAKE_SUBSCRIPTION_ID, "displayName": "Phi tests", "state": subscription_state}
+        namespace = path.rsplit("/", 1)[-1]
+        return 200, {"namespace": namespace, "registrationState": "Registered" if namespace in registered else "NotRegistered"}
+
+    monkeypatch.setattr(preflight, "arm_get", arm_get)
+
+
 def block_network(monkeypatch):
     """Make every socket connection and name lookup raise for the rest of the test."""
 
@@ -352,19 +376,50 @@ def serve_workspace(client, location="eastus2"):
                                                                               workspace_id=FAKE_WORKSPACE_ID)
 
 
-def mock_registry_client(version="7"):
-    """The azureml registry's MLClient (autospecced): models.get(name, label="latest") -> that version's Model."""
-    from azure.ai.ml.entities import Model
+# The azureml registry's entries as Azure/azureml-assets describes them (assets/models/system/<model>/spec.yaml tags;
+# the region list's text format is assumed). Phi-3.5-mini-instruct is retired: its spec says isArchived and
+# retirement 2025-08-30.
+PHI4_REGIONS = "eastus2, eastus, northcentralus, southcentralus, westus, westus3"
+REGISTRY_MODELS = {
+    "Phi-4-mini-instruct": {"version": "7", "tags": {"maas-finetuning-deploy-regions": PHI4_REGIONS}},
+    "Phi-3.5-mini-instruct": {"version": "6", "tags": {
+        "FinetuneDeprecationDate": "2025-06-30", "FinetuneRetirementDate": "2025-08-30",
+        "InferenceDeprecationDate": "2025-06-30", "InferenceRetirementDate": "2025-08-30",
+        "maas-finetuning-deploy-regions": "eastus2"}},
+}
+# Curated environments (assets/training/finetune_acft_hf_nlp/environments/acpt: version 124 on Ubuntu 22.04, CUDA 12.6).
+CURATED_ENVIRONMENTS = {"acft-hf-nlp-gpu": ["59", "124"], "minimal-py312-cuda12.4-inference": ["6"]}
 
+
+def mock_registry_client(models=None, environments=None):
+    """The azureml registry's MLClient (autospecced): models.get / environments.get answer from the entries above
+    (a name or version not listed raises ResourceNotFoundError, as the registry does)."""
+    from azure.ai.ml.entities import Environment, Model
+    from azure.ai.ml.operations import EnvironmentOperations
+
+    models = REGISTRY_MODELS if models is None else models
+    environments = CURATED_ENVIRONMENTS if environments is None else environments
     registry = mock.create_autospec(MLClient, instance=True)
     registry.models = mock.create_autospec(ModelOperations, instance=True)
+    registry.environments = mock.create_autospec(EnvironmentOperations, instance=True)
 
-    def get(name, version=None, label=None):
-        model = Model(name=name, version=version or "7")
+    def get_model(name, version=None, label=None):
+        entry = models.get(name)
+        if entry is None or (version and version != entry["version"]):
+            raise ResourceNotFoundError(f"(UserError) Model {name} version {version or label} not found in registry azureml")
+        model = Model(name=name, version=version or entry["version"], tags=dict(entry["tags"]))
         model._id = f"azureml://registries/azureml/models/{name}/versions/{model.version}"  # what the service fills in
         return model
 
-    registry.models.get.side_effect = get
+    def get_environment(name, version=None, label=None):
+        versions = environments.get(name, [])
+        version = versions[-1] if label == "latest" and versions else version
+        if version not in versions:
+            raise ResourceNotFoundError(f"(UserError) Environment {name} version {version} not found in registry azureml")
+        return Environment(name=name, version=version, image=f"mcr.microsoft.com/azureml/curated/{name}:{version}")
+
+    registry.models.get.side_effect = get_model
+    registry.environments.get.side_effect = get_environment
     return registry
 
 

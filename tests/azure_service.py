@@ -2,7 +2,8 @@
 
     service = FakeAzureML()                                  # a workspace with its two datastores
     client = service.ml_client()                             # a real azure.ai.ml.MLClient over it
-    service.add_compute("gpu-nc24s-a100-v4")                 # state the service starts with
+    service.add_compute("gpu-nc24s-a100-v4")                 # state the service starts with (else step 2 creates it)
+    service.quotas[...] = (used, limit)                      # what the preflight finds (also providers, identities)
     service.job_statuses = ["Queued", "Running", "Failed"]   # what run history reports, one status per poll
     ... run a step's main() with get_ml_client patched to return `client` ...
     service.calls("PUT", "/jobs/")                           # the requests azure-ai-ml sent, with their JSON
@@ -26,11 +27,33 @@ How it plugs in (azure-ai-ml 1.35.2):
   once. `jobs.stream()` waits `time.sleep(_wait_before_polling(...))` in
   `azure/ai/ml/operations/_job_ops_helper.py` between polls: `patch_stream_waits()` makes that 0 s.
 
-Payload shapes follow the SDK's generated models (azure/ai/ml/_restclient/arm_ml_service/models,
-_restclient/runhistory/models) and the SDK's recorded sessions (Azure/azure-sdk-for-python,
-sdk/ml/azure-ai-ml/tests/recordings/online_services: workspace, endpoint PUT 201 + mfeOperationsStatus).
-Simplified or assumed, not taken from a recording:
-- every operation ends after one "InProgress" poll, and a test decides how (`deployment_outcomes`);
+Which answer follows what. Payload shapes follow the SDK's generated models (azure/ai/ml/_restclient/arm_ml_service/
+models, _restclient/runhistory/models) and, where named, Microsoft's recorded sessions (Azure/azure-sdk-assets,
+python/sdk/ml/azure-ai-ml/tests/recordings/...) or the REST specification's examples (Azure/azure-rest-api-specs,
+specification/machinelearningservices/resource-manager/Microsoft.MachineLearningServices/stable/2024-04-01/examples):
+- cluster creation (`PUT computes/<name>`): compute/e2etests/test_compute.pyTestComputetest_aml_compute_create_and_delete
+  .json: 201, provisioningState Creating, vmSize upper-cased, Azure-AsyncOperation to computeOperationsStatus, whose
+  polls carry only {"status": "InProgress"} then "Succeeded";
+- online endpoint and deployment PUT: recordings/online_services/e2etests/test_online_endpoint.pyTestOnlineEndpoint
+  test_online_endpoint_e2e.json and test_online_deployment.pyTestOnlineDeploymenttest_online_deployment_create.json:
+  201 with Azure-AsyncOperation, Location and x-ms-async-operation-timeout; mfeOperationsStatus polls say "Updating";
+- VM sizes (`locations/<region>/vmSizes`) and quotas (`locations/<region>/usages`): examples/Usage/list.json (a row
+  per VM family, type .../vmFamily/usages, name {value, localizedValue}, currentValue, limit, unit Count);
+- the azureml registry: recordings/model/e2etests/test_model.pyTestModeltest_create_get_download_model_registry.json
+  (discovery on eastus.api.azureml.ms, then the data plane under primaryRegionResourceProviderUri + mferp/
+  managementfrontend; "latest" is the versions list with $orderBy=createdtime desc&$top=1); the models' tags follow
+  Azure/azureml-assets assets/models/system/<model>/spec.yaml (Phi-3.5-mini-instruct: isArchived, retired
+  2025-08-30); curated environment versions follow assets/training/finetune_acft_hf_nlp/environments/acpt;
+- serverless endpoints: examples/Workspace/ServerlessEndpoint/createOrUpdate.json, get.json, listKeys.json, delete.json.
+Assumed, not taken from a recording or example (marked where they are answered):
+- every operation ends after one in-progress poll, and a test decides how (`deployment_outcomes`);
+- the subscription, resource provider, user-assigned identity and role-assignment bodies carry the fields the
+  preflight reads, in the shapes of their public REST references, not copied from a recording;
+- archived registry versions are left out of the versions list (so "latest" finds none); the region tag's text
+  format ("eastus2, eastus, ...");
+- a serverless fine-tuning job moves through `job_statuses` on its own GETs and, on Completed, registers its model
+  as version "1" under its registered_model output's name; the serverless endpoint's operation is polled through
+  Azure-AsyncOperation like the workspace's others; its inferenceEndpoint.uri is `serverless_scoring_uri`;
 - a model registered from `azureml://jobs/<job>/outputs/<output>` comes back with the output's datastore path
   (`.../datastores/workspaceblobstore/paths/azureml/<job>/<output>/`), and registering one whose output holds
   no files answers ModelAssetPathNotFoundInStorage (the error users report in public issue threads);
@@ -79,8 +102,34 @@ VM_SIZES = [
     for name, family, cpus, gpus, memory, disk in [
         ("Standard_NC24ads_A100_v4", "standardNCADSA100v4Family", 24, 1, 220.0, 65536),
         ("Standard_ND96asr_v4", "standardNDASv4_A100Family", 96, 8, 900.0, 6291456),
+        ("Standard_NC4as_T4_v3", "standardNCASv3_T4Family", 4, 1, 28.0, 180224),
         ("Standard_E16s_v3", "standardESv3Family", 16, 0, 128.0, 262144),
         ("Standard_E4s_v3", "standardESv3Family", 4, 0, 32.0, 65536)]]
+# Usage/list (the vCPU quota per VM family in a region): (currentValue, limit), as in the REST example's rows.
+QUOTAS = {"Standard NCADSA100v4 Family Cluster Dedicated vCPUs": (0, 24),
+          "Standard NDASv4_A100 Family Cluster Dedicated vCPUs": (0, 0),
+          "Standard ESv3 Family Cluster Dedicated vCPUs": (0, 32),
+          "Standard NCADSA100v4 Family Cluster LowPriority vCPUs": (0, 100)}
+IDENTITY = "id-phi3-tests"  # the endpoint's user-assigned identity (tests/azure_mocks.FAKE_DEPLOY_SETTINGS)
+IDENTITY_CLIENT_ID = "11111111-1111-1111-1111-111111111111"
+IDENTITY_PRINCIPAL_ID = "44444444-4444-4444-4444-444444444444"
+CONTAINER_REGISTRY = "crphi3tests"
+# The azureml registry (the model catalogue and curated environments), answered by its data plane (MFE).
+REGISTRY = "azureml"
+REGISTRY_HOST = f"cert-{LOCATION}.experiments.azureml.net"
+REGISTRY_SUBSCRIPTION = "99999999-9999-9999-9999-999999999999"
+REGISTRY_RESOURCE_GROUP = "azureml-rg"
+# assets/models/system/<model>/spec.yaml of Azure/azureml-assets: Phi-3.5-mini-instruct is archived (isArchived: true)
+# and retired (Finetune/InferenceRetirementDate 2025-08-30); the region tag's text format is assumed.
+REGISTRY_MODELS = {
+    "Phi-4-mini-instruct": {"version": "7", "isArchived": False, "tags": {
+        "maas-finetuning-deploy-regions": "eastus2, eastus, northcentralus, southcentralus, westus, westus3"}},
+    "Phi-3.5-mini-instruct": {"version": "6", "isArchived": True, "tags": {
+        "FinetuneDeprecationDate": "2025-06-30", "FinetuneRetirementDate": "2025-08-30",
+        "InferenceDeprecationDate": "2025-06-30", "InferenceRetirementDate": "2025-08-30",
+        "maas-finetuning-deploy-regions": "eastus2"}},
+}
+REGISTRY_ENVIRONMENTS = {"acft-hf-nlp-gpu": ["59", "124"], "minimal-py312-cuda12.4-inference": ["6"]}
 # A managed online deployment's properties as the service fills them in when a request leaves them out.
 DEPLOYMENT_DEFAULTS = {
     "endpointComputeType": "Managed", "scaleSettings": {"scaleType": "Default"}, "appInsightsEnabled": False,
@@ -134,6 +183,7 @@ class Operation:
 
     status: str = "Succeeded"
     error: dict = None
+    progress: str = "InProgress"  # what a poll says before the end (recorded endpoint/deployment polls say Updating)
     polls_left: int = 1
     finish: object = None
     done: bool = False
@@ -201,8 +251,23 @@ class FakeAzureML(HttpTransport):
         self.deployment_outcomes = []  # one per deployment PUT: "Succeeded" or ("Failed", code, message)
         self.deployment_logs = "Starting AzureML Inference Server\n"  # getLogs' answer
         self.endpoint_create_error = None  # a ServiceAnswer for the next endpoint creation
+        self.export_record = None  # model_output/onnx_export.json a completed job wrote (None: no export)
+        self.serverless_endpoints = {}
+        self.serverless_scoring_uri = "https://{name}.eastus2.models.ai.azure.com"  # inferenceEndpoint.uri, per name
+        self.registry_models = copy.deepcopy(REGISTRY_MODELS)
+        self.registry_environments = copy.deepcopy(REGISTRY_ENVIRONMENTS)
         self.scoring_answer = ["an answer"]
         self._run_polls = {}
+        # What the preflight reads (helpers/preflight.py); tests change these to see each refusal.
+        self.subscription_state = "Enabled"
+        self.workspace_exists = True  # False: the workspace (or project) GET answers 404, as for a wrong name
+        self.registered_providers = {"Microsoft.MachineLearningServices", "Microsoft.ContainerRegistry",
+                                     "Microsoft.Network"}
+        self.quotas = dict(QUOTAS)  # usage name -> (currentValue, limit), per region
+        self.identities = {IDENTITY: {"clientId": IDENTITY_CLIENT_ID, "principalId": IDENTITY_PRINCIPAL_ID}}
+        self.role_assignments = [  # (scope, principalId, role definition GUID)
+            (self.registry_id(), IDENTITY_PRINCIPAL_ID, "7f951dda-4ed3-4680-a7ca-43fe172d538d"),  # AcrPull
+            (self.storage_id(), IDENTITY_PRINCIPAL_ID, "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1")]  # Storage Blob Data Reader
 
     # --- azure-core's HttpTransport ------------------------------------------------------------------
     def open(self):
@@ -246,6 +311,16 @@ class FakeAzureML(HttpTransport):
         """The workspace's ARM resource path."""
         return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
                 f"/providers/{PROVIDER}/workspaces/{self.workspace}")
+
+    def registry_id(self):
+        """The workspace's container registry (where its images are built and the endpoint pulls from)."""
+        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+                f"/providers/Microsoft.ContainerRegistry/registries/{CONTAINER_REGISTRY}")
+
+    def storage_id(self):
+        """The workspace's storage account."""
+        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+                f"/providers/Microsoft.Storage/storageAccounts/{STORAGE_ACCOUNT}")
 
     def add_compute(self, name, size="Standard_NC24ads_A100_v4"):
         """An AmlCompute cluster that exists (scaled to 0 nodes)."""
@@ -295,6 +370,8 @@ class FakeAzureML(HttpTransport):
         container = self.datastores["workspaceblobstore"]
         for file_name in ("MLmodel", "conda.yaml", "model/model.safetensors"):
             self.add_blob(container, f"azureml/{name}/model_output/{file_name}", b"fake " + file_name.encode())
+        if self.export_record is not None:
+            self.add_blob(container, f"azureml/{name}/model_output/onnx_export.json", json.dumps(self.export_record))
 
     def deployment_state(self, endpoint, deployment):
         """A deployment's provisioning state as the service holds it (None: no such deployment)."""
@@ -395,6 +472,11 @@ class FakeAzureML(HttpTransport):
             return self._arm(call)
         if call.host == API_HOST:
             return self._api(call)
+        if call.host == REGISTRY_HOST:
+            return self._registry(call)
+        discovery = re.fullmatch(r"/registrymanagement/v1\.0/registries/([^/]+)/discovery", call.path)
+        if call.host.endswith(".api.azureml.ms") and call.method == "GET" and discovery:  # the SDK asks eastus
+            return self._registry_discovery(discovery.group(1))
         if call.host.endswith(".blob.core.windows.net"):
             return self._blob(call)
         if call.host.endswith(".inference.ml.azure.com"):
@@ -416,9 +498,18 @@ class FakeAzureML(HttpTransport):
                                  r"(mfeOperationsStatus|mfeOperationResults)/(.+)", call.path, re.IGNORECASE)
         if operation:
             return self._operation(operation.group(1), operation.group(2))
+        if operation is None:
+            operation = re.fullmatch(rf"/subscriptions/[^/]+/providers/{PROVIDER}/locations/[^/]+/"
+                                     r"(computeOperationsStatus)/(.+)", call.path, re.IGNORECASE)
+            if operation:
+                return self._operation(operation.group(1), operation.group(2))
         if call.method == "GET" and re.fullmatch(rf"/subscriptions/[^/]+/providers/{PROVIDER}/locations/[^/]+/vmSizes",
                                                  call.path, re.IGNORECASE):
             return 200, {"value": VM_SIZES}, {}
+        if call.method == "GET":
+            answer = self._subscription_level(call)
+            if answer is not None:
+                return answer
         prefix = self.workspace_path()
         if not call.path.lower().startswith(prefix.lower()):
             raise AssertionError(f"the fake Azure ML service does not know {call.method} {call.url}")
@@ -427,6 +518,7 @@ class FakeAzureML(HttpTransport):
         handlers = {
             ("GET",): self._workspace,
             ("GET", "computes", "*"): self._get_compute,
+            ("PUT", "computes", "*"): self._put_compute,
             ("GET", "datastores"): self._list_datastores,
             ("GET", "datastores", "*"): self._get_datastore,
             ("POST", "datastores", "*", "listSecrets"): self._datastore_secrets,
@@ -455,6 +547,10 @@ class FakeAzureML(HttpTransport):
             ("PUT", "onlineEndpoints", "*", "deployments", "*"): self._put_deployment,
             ("DELETE", "onlineEndpoints", "*", "deployments", "*"): self._delete_deployment,
             ("POST", "onlineEndpoints", "*", "deployments", "*", "getLogs"): self._get_logs,
+            ("GET", "serverlessEndpoints", "*"): self._get_serverless_endpoint,
+            ("PUT", "serverlessEndpoints", "*"): self._put_serverless_endpoint,
+            ("DELETE", "serverlessEndpoints", "*"): self._delete_serverless_endpoint,
+            ("POST", "serverlessEndpoints", "*", "listKeys"): self._serverless_keys,
         }
         handler = handlers.get(route)
         if handler is None:
@@ -463,6 +559,9 @@ class FakeAzureML(HttpTransport):
 
     def _workspace(self, call, parts):
         prefix = self.workspace_path()
+        if not self.workspace_exists:
+            raise arm_error(404, "ResourceNotFound", f"The Resource '{PROVIDER}/workspaces/{self.workspace}' under "
+                            f"resource group '{self.resource_group}' was not found.")
         return 200, {
             "id": prefix, "name": self.workspace, "type": f"{PROVIDER}/workspaces", "location": self.location,
             "tags": {}, "kind": "Default", "identity": {"type": "SystemAssigned"},
@@ -471,7 +570,7 @@ class FakeAzureML(HttpTransport):
                 "friendlyName": self.workspace, "workspaceId": WORKSPACE_ID, "provisioningState": "Succeeded",
                 "storageAccount": f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
                                   f"/providers/Microsoft.Storage/storageAccounts/{STORAGE_ACCOUNT}",
-                "discoveryUrl": f"https://{API_HOST}/discovery",
+                "discoveryUrl": f"https://{API_HOST}/discovery", "containerRegistry": self.registry_id(),
                 "mlFlowTrackingUri": f"azureml://{API_HOST}/mlflow/v1.0{prefix}",
                 "publicNetworkAccess": "Enabled", "v1LegacyMode": False, "hbiWorkspace": False}}, {}
 
@@ -479,6 +578,82 @@ class FakeAzureML(HttpTransport):
         if parts[1] not in self.computes:
             raise arm_error(404, "NotFound", f"The compute {parts[1]} was not found in workspace {self.workspace}.")
         return 200, self.computes[parts[1]], {}
+
+    def _put_compute(self, call, parts):
+        """Cluster creation as recorded: 201, provisioningState Creating, vmSize upper-cased, Azure-AsyncOperation
+        to computeOperationsStatus (polls say InProgress, then Succeeded); an update of an existing one answers 200."""
+        name, body = parts[1], copy.deepcopy(call.json)
+        creating = name not in self.computes
+        inner = body["properties"].get("properties") or {}
+        inner["vmSize"] = str(inner.get("vmSize", "")).upper()
+        inner.update(currentNodeCount=None, targetNodeCount=None, allocationState=None, errors=None)
+        properties = {**body["properties"], "properties": inner, "provisioningState": "Creating" if creating else "Updating",
+                      "isAttachedCompute": False, "computeLocation": body.get("location") or self.location}
+        self.computes[name] = self._resource(f"computes/{name}", name, "computes", properties,
+                                             location=body.get("location") or self.location, tags=None)
+        operation = Operation(finish=lambda: properties.update(provisioningState="Succeeded"))
+        return self._start_operation(201 if creating else 200, self.computes[name], operation,
+                                     status_path="computeOperationsStatus")
+
+    def _subscription_level(self, call):
+        """The subscription, its resource providers, the region's usages, the identity and role assignments (the
+        preflight's GETs); None for a path that is none of them."""
+        subscription = f"/subscriptions/{self.subscription_id}"
+        path = call.path
+        if path == subscription:  # Subscriptions_Get (azure-rest-api-specs, resources/.../getSubscription.json)
+            return 200, {"id": subscription, "subscriptionId": self.subscription_id, "displayName": "Phi tests",
+                         "state": self.subscription_state, "tenantId": TENANT_ID,
+                         "subscriptionPolicies": {"locationPlacementId": "Public_2014-09-01", "quotaId": "PayAsYouGo_2014-09-01",
+                                                  "spendingLimit": "Off"}}, {}
+        match = re.fullmatch(rf"{subscription}/providers/([^/]+)", path, re.IGNORECASE)
+        if match:  # Providers_Get (assumed body: the namespace and its registrationState, the fields read)
+            namespace = match.group(1)
+            state = "Registered" if namespace in self.registered_providers else "NotRegistered"
+            return 200, {"id": f"{subscription}/providers/{namespace}", "namespace": namespace,
+                         "registrationState": state, "registrationPolicy": "RegistrationRequired",
+                         "resourceTypes": []}, {}
+        match = re.fullmatch(rf"{subscription}/providers/{PROVIDER}/locations/([^/]+)/usages", path, re.IGNORECASE)
+        if match:
+            return 200, {"value": self._usages()}, {}
+        identity = re.fullmatch(rf"{subscription}/resourceGroups/{self.resource_group}/providers/"
+                                r"Microsoft\.ManagedIdentity/userAssignedIdentities/([^/]+)", path, re.IGNORECASE)
+        if identity:  # UserAssignedIdentities_Get (assumed body: id, name, location, properties.{clientId,principalId,tenantId})
+            found = self.identities.get(identity.group(1))
+            if found is None:
+                raise arm_error(404, "ResourceNotFound", f"The Resource 'Microsoft.ManagedIdentity/userAssignedIdentities/"
+                                f"{identity.group(1)}' under resource group '{self.resource_group}' was not found.")
+            return 200, {"id": path, "name": identity.group(1), "location": self.location,
+                         "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+                         "properties": {**found, "tenantId": TENANT_ID}}, {}
+        if path.endswith("/providers/Microsoft.Authorization/roleAssignments"):
+            return 200, {"value": self._role_assignments(path.rsplit("/providers/Microsoft.Authorization", 1)[0],
+                                                         call.query.get("$filter", ""))}, {}
+        return None
+
+    def _usages(self):
+        """Usage/list as the REST example answers it (stable/2024-04-01/examples/Usage/list.json): a row per VM
+        family (type .../vmFamily/usages), its id naming the family with underscores."""
+        rows = []
+        for name, (current, limit) in self.quotas.items():
+            rows.append({"id": f"/subscriptions/{self.subscription_id}/usages/{name.replace(' ', '_')}",
+                         "type": f"{PROVIDER}/vmFamily/usages", "currentValue": current, "limit": limit,
+                         "name": {"value": name, "localizedValue": name}, "unit": "Count"})
+        rows.append({"id": f"/subscriptions/{self.subscription_id}/usages", "type": f"{PROVIDER}/dedicatedCores/usages",
+                     "currentValue": 0, "limit": 100, "unit": "Count",
+                     "name": {"value": "Total Cluster Dedicated Regional vCPUs",
+                              "localizedValue": "Total Cluster Dedicated Regional vCPUs"}})
+        return rows
+
+    def _role_assignments(self, scope, query):
+        """RoleAssignments_ListForScope with $filter=principalId eq '...': assignments at the scope or above it."""
+        wanted = re.search(r"principalId eq '([^']+)'", query)
+        return [{"id": f"{assigned}/providers/Microsoft.Authorization/roleAssignments/{uuid.uuid5(uuid.NAMESPACE_URL, assigned + role)}",
+                 "type": "Microsoft.Authorization/roleAssignments", "name": str(uuid.uuid5(uuid.NAMESPACE_URL, assigned + role)),
+                 "properties": {"roleDefinitionId": f"/subscriptions/{self.subscription_id}/providers/"
+                                                    f"Microsoft.Authorization/roleDefinitions/{role}",
+                                "principalId": principal, "principalType": "ServicePrincipal", "scope": assigned}}
+                for assigned, principal, role in self.role_assignments
+                if scope.lower().startswith(assigned.lower()) and (not wanted or wanted.group(1) == principal)]
 
     def _datastore_body(self, name):
         return self._resource(f"datastores/{name}", name, "datastores", {
@@ -607,7 +782,27 @@ class FakeAzureML(HttpTransport):
     def _get_job(self, call, parts):
         if parts[1] not in self.jobs:
             raise arm_error(404, "UserError", f"The specified resource {parts[1]} was not found.")
-        return 200, self.jobs[parts[1]], {}
+        job = self.jobs[parts[1]]
+        if job["properties"].get("jobType") == "FineTuning":  # serverless: the job's own GET says how it goes
+            self._advance_finetuning_job(parts[1])
+        return 200, job, {}
+
+    def _advance_finetuning_job(self, name):
+        """One step further through job_statuses per GET; on Completed, the fine-tuned model is registered in the
+        workspace under the output's name (assumed: a first version "1", as Foundry shows it)."""
+        polls = self._run_polls[name] = self._run_polls.get(name, 0) + 1
+        status = self.job_statuses[min(polls - 1, len(self.job_statuses) - 1)]
+        properties = self.jobs[name]["properties"]
+        properties["status"] = status
+        if status == "Failed" and self.job_error:
+            properties["error"] = {"code": self.job_error["code"], "message": self.job_error["message"]}
+        output = properties["outputs"].get("registered_model") or {}
+        model = output.get("assetName")
+        if status == "Completed" and model and ("models", model) not in self.assets:
+            self.assets[("models", model)] = {"1": self._resource(f"models/{model}/versions/1", "1", "models/versions", {
+                "modelType": "mlflow_model", "modelUri": f"azureml://jobs/{name}/outputs/registered_model",
+                "jobName": name, "isArchived": False, "isAnonymous": False, "flavors": {}, "tags": {},
+                "properties": {}, "provisioningState": "Succeeded", "stage": "Development"})}
 
     def _cancel_job(self, call, parts):
         job = self.jobs[parts[1]]
@@ -657,7 +852,8 @@ class FakeAzureML(HttpTransport):
         def finish():
             body["properties"].update(provisioningState="Succeeded", scoringUri=self.scoring_uri(name),
                                       swaggerUri=self.scoring_uri(name).replace("/score", "/swagger.json"))
-        return self._start_operation(201 if creating else 200, body, Operation(finish=finish))
+        return self._start_operation(201 if creating else 200, body, Operation(finish=finish, progress="Updating"),
+                                     location=True)
 
     def _delete_endpoint(self, call, parts):
         name = parts[1]
@@ -709,13 +905,13 @@ class FakeAzureML(HttpTransport):
         self.deployments[(endpoint, name)] = body
         outcome = self.deployment_outcomes.pop(0) if self.deployment_outcomes else "Succeeded"
         if outcome == "Succeeded":
-            operation = Operation(finish=lambda: properties.update(provisioningState="Succeeded"))
+            operation = Operation(finish=lambda: properties.update(provisioningState="Succeeded"), progress="Updating")
         else:
             _, code, message = outcome
-            operation = Operation(status="Failed", error={"code": code, "message": message},
+            operation = Operation(status="Failed", error={"code": code, "message": message}, progress="Updating",
                                   finish=lambda: properties.update(provisioningState="Failed"))
         body["properties"] = properties
-        return self._start_operation(200 if existing else 201, body, operation)
+        return self._start_operation(200 if existing else 201, body, operation, location=True)
 
     def _delete_deployment(self, call, parts):
         key = (parts[1], parts[3])
@@ -727,18 +923,58 @@ class FakeAzureML(HttpTransport):
         return self._start_operation(202, None, Operation(finish=lambda: self.deployments.pop(key, None)),
                                      location=True)
 
+    # --- serverless endpoints (azure-rest-api-specs, stable/2024-04-01/examples/Workspace/ServerlessEndpoint) ---
+    def _serverless_body(self, name, sent, state):
+        """createOrUpdate.json's response: properties.authMode, inferenceEndpoint.uri, modelSettings, provisioningState;
+        the Consumption sku and the location as sent."""
+        return self._resource(f"serverlessEndpoints/{name}", name, "serverlessEndpoints", {
+            "authMode": "Key", "provisioningState": state,
+            "modelSettings": copy.deepcopy(sent["properties"].get("modelSettings") or {}),
+            "inferenceEndpoint": {"uri": self.serverless_scoring_uri.format(name=name), "headers": {}},
+            "contentSafety": {"contentSafetyStatus": "Enabled"}},
+            location=sent.get("location") or self.location, tags=dict(sent.get("tags") or {}), kind="ServerlessEndpoint",
+            sku=copy.deepcopy(sent.get("sku") or {"name": "Consumption"}))
+
+    def _get_serverless_endpoint(self, call, parts):
+        """get.json."""
+        if parts[1] not in self.serverless_endpoints:
+            raise arm_error(404, "UserError", f"Serverless endpoint {parts[1]} not found.")
+        return 200, self.serverless_endpoints[parts[1]], {}
+
+    def _put_serverless_endpoint(self, call, parts):
+        """createOrUpdate.json: 201 for a new endpoint (200 for an update), then the operation (assumed: polled through
+        Azure-AsyncOperation like the workspace's other long-running operations)."""
+        name, creating = parts[1], parts[1] not in self.serverless_endpoints
+        body = self._serverless_body(name, call.json, "Creating" if creating else "Updating")
+        self.serverless_endpoints[name] = body
+        operation = Operation(finish=lambda: body["properties"].update(provisioningState="Succeeded"))
+        return self._start_operation(201 if creating else 200, body, operation)
+
+    def _delete_serverless_endpoint(self, call, parts):
+        """delete.json: 202 with Location, then gone."""
+        if parts[1] not in self.serverless_endpoints:
+            return 204, None, {}
+        return self._start_operation(202, None, Operation(finish=lambda: self.serverless_endpoints.pop(parts[1], None)),
+                                     location=True)
+
+    def _serverless_keys(self, call, parts):
+        """listKeys.json: {"primaryKey", "secondaryKey"}."""
+        if parts[1] not in self.serverless_endpoints:
+            raise arm_error(404, "UserError", f"Serverless endpoint {parts[1]} not found.")
+        return 200, {"primaryKey": f"serverless-key-of-{parts[1]}", "secondaryKey": f"second-key-of-{parts[1]}"}, {}
+
     def _get_logs(self, call, parts):
         if (parts[1], parts[3]) not in self.deployments:
             raise arm_error(404, "UserError", f"Deployment {parts[3]} not found in endpoint {parts[1]}.")
         return 200, {"content": self.deployment_logs}, {}
 
     # --- long-running operations ---
-    def _start_operation(self, status, body, operation, location=False):
+    def _start_operation(self, status, body, operation, location=False, status_path="mfeOperationsStatus"):
         """Answer a PUT/DELETE/POST that starts an operation; polling its URL says how it goes."""
         operation_id = f"oe:{WORKSPACE_ID}:{next(self._ids):08d}-0000-0000-0000-000000000000"
         self.operations[operation_id] = operation
         base = f"https://{ARM_HOST}/subscriptions/{self.subscription_id}/providers/{PROVIDER}/locations/{self.location}"
-        headers = {"Azure-AsyncOperation": f"{base}/mfeOperationsStatus/{operation_id}?api-version=2023-04-01-preview",
+        headers = {"Azure-AsyncOperation": f"{base}/{status_path}/{operation_id}?api-version=2023-04-01-preview",
                    "Retry-After": "0", "x-ms-async-operation-timeout": "PT1H"}
         if location:
             headers["Location"] = f"{base}/mfeOperationResults/{operation_id}?api-version=2023-04-01-preview"
@@ -752,23 +988,80 @@ class FakeAzureML(HttpTransport):
             return (202, None, {"Retry-After": "0"}) if not operation.done else (200, None, {})
         if operation.polls_left > 0:
             operation.polls_left -= 1
-            status = "InProgress"
+            status = operation.progress
         else:
             if not operation.done:
                 operation.done = True
                 if operation.finish:
                     operation.finish()
             status = operation.status
+        if kind == "computeOperationsStatus":  # the recorded compute polls carry the status alone
+            return 200, {"status": status}, {}
         body = {"id": f"/subscriptions/{self.subscription_id}/providers/{PROVIDER}/locations/{self.location}"
                       f"/mfeOperationsStatus/{operation_id}", "name": operation_id, "status": status,
                 "startTime": _now()}
-        if status != "InProgress":
+        if status != operation.progress:
             body["endTime"] = _now()
         if status == "Failed":
             body["error"] = {**operation.error, "details": [], "additionalInfo": []}
         return 200, body, {"Retry-After": "0"}
 
     # --- discovery and run history (the workspace's data plane) -----------------------------------------
+    # --- the azureml registry (model catalogue, curated environments) ------------------------------------------------
+    def registry_client(self):
+        """A real MLClient for the azureml registry over this transport (discovery, then its data plane)."""
+        from azure.ai.ml import MLClient
+
+        return MLClient(credential=FakeCredential(), registry_name=REGISTRY, transport=self)
+
+    def _registry_discovery(self, name):
+        """Registry discovery as recorded (test_model.pyTestModeltest_create_get_download_model_registry.json)."""
+        if name != REGISTRY:
+            raise arm_error(404, "NotFound", f"Registry {name} not found.")
+        return 200, {"registryId": "3b513a6b-0000-4000-8000-000000000001", "registryName": name, "tenantId": TENANT_ID,
+                     "primaryRegion": self.location, "regions": [self.location],
+                     "subscriptionId": REGISTRY_SUBSCRIPTION, "resourceGroup": REGISTRY_RESOURCE_GROUP,
+                     "workspaceName": None, "primaryRegionResourceProviderUri": f"https://{REGISTRY_HOST}/",
+                     "registryFqdns": {self.location: {"uri": f"https://{API_HOST}"}},
+                     "intellectualPropertyPublisher": None}, {}
+
+    def _registry(self, call):
+        """The registry's models and environments: a version by number, or the versions list ($orderBy createdtime
+        desc, $top=1: how the SDK resolves the label latest, as recorded). Archived versions are left out of the
+        list (assumed: the default list view is active versions only)."""
+        match = re.fullmatch(rf"/mferp/managementfrontend/subscriptions/[^/]+/resourceGroups/[^/]+/providers/{PROVIDER}"
+                             r"/registries/([^/]+)/(models|environments)/([^/]+)/versions(?:/([^/]+))?", call.path)
+        if call.method != "GET" or not match:
+            raise AssertionError(f"the fake registry does not know {call.method} {call.url}")
+        _, kind, name, version = match.groups()
+        versions = self._registry_versions(kind, name)
+        if version is None:
+            listed = [body for body in versions if not body["properties"].get("isArchived")]
+            return 200, {"value": listed[:int(call.query.get("$top", len(listed)))]}, {}
+        found = [body for body in versions if body["name"] == version]
+        if not found:
+            raise arm_error(404, "UserError", f"Could not find asset with ID: azureml://registries/{REGISTRY}/"
+                            f"{kind}/{name}/versions/{version}")
+        return 200, found[0], {}
+
+    def _registry_versions(self, kind, name):
+        """The registry's versions of an asset, newest first, as ARM-shaped bodies."""
+        def body(version, properties):
+            return {"id": f"azureml://registries/{REGISTRY}/{kind}/{name}/versions/{version}", "name": version,
+                    "type": f"{PROVIDER}/registries/{kind}/versions", "properties": properties,
+                    "systemData": {"createdAt": _now(), "createdBy": "azureml", "createdByType": "Application"}}
+        if kind == "models":
+            entry = self.registry_models.get(name)
+            if not entry:
+                return []
+            return [body(entry["version"], {"tags": dict(entry["tags"]), "properties": {}, "isArchived": entry["isArchived"],
+                                            "isAnonymous": False, "modelType": "mlflow_model", "flavors": {},
+                                            "modelUri": f"azureml://registries/{REGISTRY}/models/{name}/versions/"
+                                                        f"{entry['version']}", "stage": "Production"})]
+        return [body(version, {"image": f"mcr.microsoft.com/azureml/curated/{name}:{version}", "tags": {},
+                               "properties": {}, "isArchived": False, "isAnonymous": False, "osType": "Linux"})
+                for version in reversed(self.registry_environments.get(name, []))]
+
     def _api(self, call):
         if call.path == "/discovery":
             base = f"https://{API_HOST}"

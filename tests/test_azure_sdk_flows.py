@@ -18,13 +18,15 @@ from dotenv import dotenv_values
 
 import azure_mocks
 from azure_mocks import FAKE_DEPLOY_SETTINGS, FAKE_SUBSCRIPTION_ID, block_network, configure_azure, use_tmp_data
+import azure_service
 from azure_service import FakeAzureML, arm_error
 
 import cleanup
 import config  # azure_mocks puts the project folder on sys.path
 from helpers.endpoint import smoke_request
 import deploy_model
-from helpers import job_record
+from helpers import job_record, preflight
+from serverless import endpoint as serverless_endpoint, job as serverless_job
 import setup_ml
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in (
@@ -94,6 +96,7 @@ def service(monkeypatch, tmp_path):
     client = fake.ml_client()
     for module in (setup_ml, deploy_model, cleanup):
         monkeypatch.setattr(module, "get_ml_client", lambda: client)
+    monkeypatch.setattr(preflight, "get_registry_client", lambda name: fake.registry_client())  # the azureml registry
     yield fake
     assert not fake.unknown, f"requests the fake service does not know: {fake.unknown}"
     assert not attempts, f"network access attempted: {attempts}"
@@ -340,7 +343,6 @@ def test_an_endpoint_still_updating_is_named_with_azures_state_and_left_alone(se
 
 
 def test_a_job_streamed_to_completion_is_then_deployed(service, capsys):
-    service.add_compute(COMPUTE)
     service.job_statuses = ["Queued", "Running", "Completed"]
 
     assert run_main(capsys, setup_ml)[0] == 0
@@ -371,3 +373,232 @@ def test_cleanup_of_an_endpoint_already_gone_deletes_nothing(service, capsys):
     assert code == 0, err
     assert not service.calls("DELETE")
     assert f"endpoint {ENDPOINT}: not found" in out
+
+
+# --- A first run: the cluster is created (issue 23) ---------------------------------------------------------------
+def test_a_first_run_creates_the_cluster_and_waits_for_it_as_recorded(service, capsys):
+    service.job_statuses = ["Queued", "Running", "Completed"]
+
+    code, out, err = run_main(capsys, setup_ml)
+
+    assert code == 0, err
+    (put,) = service.calls("PUT", f"/computes/{COMPUTE}")
+    sent = put.json["properties"]
+    assert sent["computeType"] == "AmlCompute" and sent["properties"]["vmSize"] == "Standard_NC24ads_A100_v4"
+    assert sent["properties"]["scaleSettings"]["minNodeCount"] == 0
+    polls = service.calls("GET", "/computeOperationsStatus/")
+    assert polls, "the SDK waited on the operation the 201 named"
+    assert service.computes[COMPUTE]["properties"]["provisioningState"] == "Succeeded"
+    calls = service.calls_log
+    assert index_of(calls, is_("PUT", f"/computes/{COMPUTE}")) < index_of(calls, lambda c: c.method == "PUT" and "/jobs/" in c.path)
+    assert f"Creating compute cluster {COMPUTE}" in out
+
+
+# --- The preflight against the fake service (issue 23) -------------------------------------------------------------
+def test_check_prints_each_check_against_the_service_and_sends_nothing(service, capsys):
+    code, out, err = run_main(capsys, setup_ml, "--check")
+
+    assert code == 0, err
+    assert "ok    sign-in: subscription Phi tests" in out
+    assert "ok    providers: Microsoft.MachineLearningServices, Microsoft.ContainerRegistry registered" in out
+    assert "ok    workspace: ws-phi3-tests in eastus2" in out
+    assert ("ok    training quota: 24 vCPUs of Standard NCADSA100v4 Family Cluster Dedicated vCPUs needed, 24 free of 24"
+            in out)
+    assert "ok    training image: acft-hf-nlp-gpu:124 listed in the azureml registry" in out
+    assert not [call for call in service.calls_log if call.method != "GET"], "a check must not change anything"
+
+
+def test_deploy_check_prints_quota_identity_and_what_cannot_be_checked(service, capsys):
+    code, out, err = run_main(capsys, deploy_model, "--check")
+
+    assert code == 0, err
+    # One Standard_E4s_v3: ceil(1 x 1.2) = 2 instances x 4 vCPUs.
+    assert "ok    deployment quota: 8 vCPUs of Standard ESv3 Family Cluster Dedicated vCPUs needed" in out
+    assert "ok    managed identity: id-phi3-tests found; AcrPull on the workspace's container registry; " \
+           "Storage Blob Data Reader on the workspace's storage account" in out
+    assert "n/a   inference image: mcr.microsoft.com/azureml/minimal-py312-inference:latest is not a curated" in out
+    assert not [call for call in service.calls_log if call.method != "GET"]
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda s: s.quotas.update({"Standard NCADSA100v4 Family Cluster Dedicated vCPUs": (0, 0)}),
+     "24 vCPUs needed (Standard_NC24ads_A100_v4), 0 free of 0: request more in the Azure portal"),
+    (lambda s: s.registered_providers.discard("Microsoft.MachineLearningServices"),
+     "`az provider register --namespace Microsoft.MachineLearningServices`"),
+    (lambda s: setattr(s, "subscription_state", "Disabled"), "is Disabled: re-enable it"),
+    (lambda s: setattr(s, "workspace_exists", False), "`az ml workspace list -g rg-phi3-tests -o table`"),
+], ids=["quota", "provider", "subscription", "workspace"])
+def test_each_refusal_stops_step_2_before_anything_is_billed(service, capsys, change, says):
+    change(service)
+
+    code, out, err = run_main(capsys, setup_ml)
+
+    assert code == 1 and says in err and "FAIL" in out
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert not [call for call in service.calls_log if call.method in ("PUT", "POST", "DELETE")], "nothing billed"
+
+
+def test_not_signed_in_is_the_one_refusal_and_nothing_else_is_asked(service, monkeypatch, capsys):
+    from azure.ai.ml import MLClient
+    from azure.identity import CredentialUnavailableError
+
+    class SignedOut:
+        def get_token(self, *scopes, **kwargs):
+            raise CredentialUnavailableError("Please run 'az login' to set up an account")
+
+    client = MLClient(credential=SignedOut(), subscription_id=service.subscription_id,
+                      resource_group_name=service.resource_group, workspace_name=service.workspace, transport=service)
+    monkeypatch.setattr(setup_ml, "get_ml_client", lambda: client)
+
+    code, out, err = run_main(capsys, setup_ml, "--check")
+
+    assert code == 1 and "run `az login`" in err and "FAIL  sign-in" in out
+    assert out.count("not asked: needs the sign-in") == 4
+    assert not service.calls_log, "nothing reached Azure without a token"
+
+
+def test_a_gpu_deployment_checks_its_curated_cuda_image(service, monkeypatch, capsys):
+    monkeypatch.setattr(config, "AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_NC4as_T4_v3")
+    service.quotas["Standard NCASv3_T4 Family Cluster Dedicated vCPUs"] = (0, 8)
+    service.registry_environments["minimal-py312-cuda12.4-inference"] = []  # no longer listed
+
+    code, out, err = run_main(capsys, deploy_model, "--check")
+
+    assert code == 1 and "no longer lists environment minimal-py312-cuda12.4-inference version latest" in err
+    assert "set AZURE_GPU_INFERENCE_IMAGE in .env" in err
+    assert "ok    deployment quota: 8 vCPUs of Standard NCASv3_T4 Family Cluster Dedicated vCPUs needed" in out
+
+
+def test_a_curated_image_no_longer_listed_is_refused_with_the_command(service, capsys):
+    service.registry_environments["acft-hf-nlp-gpu"] = ["130"]  # 124 no longer listed
+
+    code, out, err = run_main(capsys, setup_ml)
+
+    assert code == 1 and "no longer lists environment acft-hf-nlp-gpu version 124" in err
+    assert "az ml environment list --registry-name azureml --name acft-hf-nlp-gpu" in err
+    assert not service.calls("PUT")
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda s: s.identities.clear(), "az identity create -n id-phi3-tests -g rg-phi3-tests"),
+    (lambda s: s.identities[azure_service.IDENTITY].update(clientId="99999999-0000-0000-0000-000000000000"),
+     "set AZURE_MANAGED_IDENTITY_CLIENT_ID in .env"),
+    (lambda s: s.role_assignments.pop(0), '--role "AcrPull" --scope /subscriptions/'),
+], ids=["no-identity", "wrong-client-id", "no-acrpull"])
+def test_an_identity_that_cannot_pull_stops_step_3_before_anything_is_registered(service, completed_job, capsys,
+                                                                                  change, says):
+    change(service)
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 1 and says in err
+    assert not service.calls("PUT"), "no model registered, no endpoint created"
+
+
+def test_blue_green_needs_quota_for_both_slots(service, completed_job, capsys):
+    service.add_endpoint(ENDPOINT, traffic={BLUE: 100}, deployments={BLUE: "Succeeded"})
+    service.quotas["Standard ESv3 Family Cluster Dedicated vCPUs"] = (8, 20)  # blue holds 8 of 20
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 1 and "16 vCPUs needed (Standard_E4s_v3), 12 free of 20" in err
+    assert not service.calls("PUT")
+
+
+def test_endpoint_and_deployment_creation_follow_the_recorded_operation_shapes(service, completed_job, capsys):
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 0, err
+    polls = [call for call in service.calls("GET", "/mfeOperationsStatus/")]
+    assert polls, "the SDK polled Azure-AsyncOperation"
+    assert service.deployment_state(ENDPOINT, BLUE) == "Succeeded"
+
+
+def test_the_jobs_measured_speed_sets_concurrency_and_probes(service, capsys):
+    # 50 tokens/s: a full request (4 x 128 tokens) takes ~10 s; 8 admitted (16 in flight) finish within 180 s.
+    service.export_record = {"chosen": "int4", "candidates": {"int4": {"tokens_per_second": 50.0}}}
+    service.add_completed_job(JOB, compute=COMPUTE)
+    job_record.record_job(JOB, "azure", "Completed", studio_url=service.studio_url(JOB))
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 0, err
+    sent = service.calls("PUT", f"/deployments/{BLUE}")[0].json["properties"]
+    assert sent["requestSettings"]["maxConcurrentRequestsPerInstance"] == 8
+    assert sent["livenessProbe"]["initialDelay"] == sent["readinessProbe"]["initialDelay"] == "PT10S"
+    assert "onnxruntime-genai at 50 tokens/s (measured by the job (int4 ONNX export" in out
+
+
+# --- The serverless road over HTTP (issue 23) -----------------------------------------------------------------------
+SERVERLESS_JOB = "finetune-phi-serverless-http"
+
+
+@pytest.fixture
+def serverless_service(monkeypatch, tmp_path):
+    """TARGET=serverless with a real MLClient (and registry client) over the fake service; the smoke request (sent
+    with requests, not through azure-core) is recorded instead of sent."""
+    attempts = no_network(monkeypatch)
+    azure_mocks.configure_serverless(monkeypatch, tmp_path)
+    fake = FakeAzureML()
+    fake.patch_blob_storage(monkeypatch)
+    client = fake.ml_client()
+    for module in (serverless_job, serverless_endpoint):
+        monkeypatch.setattr(module, "get_ml_client", lambda: client)
+    monkeypatch.setattr(serverless_job, "get_registry_client", lambda name: fake.registry_client())
+    fake.smoke_requests = []
+    monkeypatch.setattr(serverless_endpoint, "smoke_test",
+                        lambda url, key: fake.smoke_requests.append((url, key)) or "Bill Gates and Paul Allen.")
+    yield fake
+    assert not fake.unknown, f"requests the fake service does not know: {fake.unknown}"
+    assert not attempts, f"network access attempted: {attempts}"
+
+
+def test_the_serverless_road_end_to_end_over_http(serverless_service, capsys):
+    serverless_service.job_statuses = ["Queued", "Running", "Completed"]
+
+    code, out, err = run_main(capsys, setup_ml, "--job-name", SERVERLESS_JOB)
+
+    assert code == 0, err
+    (put,) = serverless_service.calls("PUT", f"/jobs/{SERVERLESS_JOB}")
+    sent = put.json["properties"]
+    assert sent["jobType"] == "FineTuning" and "computeId" not in sent  # no compute: serverless
+    assert json.dumps(sent).count("azureml://registries/azureml/models/Phi-4-mini-instruct/versions/7") == 1
+    assert "ok    base model: Phi-4-mini-instruct version 7 live; offered in eastus2" in out
+    record = last_job()
+    assert record["status"] == "Completed" and record["registered_model"]["version"] == "1"
+
+    code, out, err = run_main(capsys, deploy_model)
+
+    assert code == 0, err
+    (put,) = serverless_service.calls("PUT", "/serverlessEndpoints/")
+    model = record["registered_model"]["name"]
+    assert put.json["properties"] == {"modelSettings": {"modelId": f"azureml://locations/eastus2/workspaces/"
+                                                                    f"{azure_service.WORKSPACE_ID}/models/{model}/versions/1"}}
+    assert put.json["sku"] == {"name": "Consumption"}
+    assert serverless_service.calls("POST", "/listKeys")
+    endpoint = config.SERVERLESS_ENDPOINT_NAME
+    (url, key), = serverless_service.smoke_requests
+    assert url == f"https://{endpoint}.eastus2.models.ai.azure.com/v1/chat/completions"
+    env = dotenv_values(config.ENV_FILE)
+    assert (env["AZURE_ML_ENDPOINT"], env["AZURE_ML_API_KEY"]) == (url, f"serverless-key-of-{endpoint}")
+
+
+def test_a_retired_model_over_http_is_refused_before_any_job(serverless_service, monkeypatch, capsys):
+    monkeypatch.setattr(config, "SERVERLESS_BASE_MODEL", "Phi-3.5-mini-instruct")  # archived: no latest version listed
+
+    code, out, err = run_main(capsys, setup_ml, "--job-name", SERVERLESS_JOB)
+
+    assert code == 1 and "no longer lists Phi-3.5-mini-instruct" in err
+    assert "SERVERLESS_BASE_MODEL=Phi-4-mini-instruct" in err
+    assert not serverless_service.calls("PUT"), "no upload, no job"
+
+
+def test_a_pinned_retired_version_over_http_is_refused_by_its_retirement_date(serverless_service, monkeypatch, capsys):
+    monkeypatch.setattr(config, "SERVERLESS_BASE_MODEL", "Phi-3.5-mini-instruct")
+    monkeypatch.setattr(config, "SERVERLESS_BASE_MODEL_VERSION", "6")  # still there by number; its tags say retired
+
+    code, out, err = run_main(capsys, setup_ml, "--job-name", SERVERLESS_JOB)
+
+    assert code == 1 and "retired for serverless fine-tuning on 2025-08-30" in err
+    assert "SERVERLESS_BASE_MODEL=Phi-4-mini-instruct" in err
+    assert not serverless_service.calls("PUT")

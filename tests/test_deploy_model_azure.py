@@ -65,8 +65,8 @@ DEPLOY_DEFAULTS = {
     "AZURE_DEPLOYMENT_NAME": "finetune-phi-deployment",
     "AZURE_DEPLOYMENT_INSTANCE_TYPE": "Standard_E4s_v3",
     "AZURE_DEPLOYMENT_INSTANCE_COUNT": 1,
-    "AZURE_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest",
-    "AZURE_GPU_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cuda11.8-gpu-inference:latest",
+    "AZURE_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/minimal-py312-inference:latest",
+    "AZURE_GPU_INFERENCE_IMAGE": "mcr.microsoft.com/azureml/curated/minimal-py312-cuda12.4-inference:latest",
     "AZURE_DEPLOYMENT_HAS_GPU": "auto",
     "SERVING_RUNTIME": "auto",
     "MAX_CONCURRENT_REQUESTS_PER_INSTANCE": 3,
@@ -93,6 +93,7 @@ def azure(monkeypatch, tmp_path):
 @pytest.fixture
 def service(monkeypatch, azure):
     """The mocked MLClient deploy_model and cleanup get, with an endpoint that serves blue at 100%."""
+    azure_mocks.skip_preflight(monkeypatch)  # run against the fake service in tests/test_azure_sdk_flows.py
     client = mock_ml_client()
     endpoints = serve_online_endpoints(client, {ENDPOINT: {BLUE: 100}}, primary_key=KEY, secondary_key=SECONDARY_KEY)
     client.online_endpoints.invoke.return_value = GOOD_ANSWER
@@ -254,7 +255,8 @@ def test_deployment_settings(service, capsys):
     assert variables["RESOURCE_GROUP_NAME"] == "rg-phi3-tests"
     assert variables["UAI_CLIENT_ID"] == FAKE_DEPLOY_SETTINGS["AZURE_MANAGED_IDENTITY_CLIENT_ID"]
     settings = deployment.request_settings
-    assert settings.max_concurrent_requests_per_instance == 3
+    # No export record here: transformers at the stated 1 token/s, 4 x 128 tokens = 512 s > the timeout alone, so 1.
+    assert settings.max_concurrent_requests_per_instance == 1
     assert settings.request_timeout_ms == 180000
     assert settings.max_queue_wait_ms is None  # deprecated by Azure: not sent
     for probe in (deployment.liveness_probe, deployment.readiness_probe):
@@ -400,7 +402,8 @@ def test_dry_run_prints_validated_yaml_without_any_sdk_call(azure, monkeypatch, 
     deployment = blocks["Deployment"]
     assert (deployment["name"], deployment["endpoint_name"]) == (BLUE, ENDPOINT)
     assert deployment["instance_type"] == "Standard_E4s_v3"
-    assert deployment["request_settings"] == {"max_concurrent_requests_per_instance": 3, "request_timeout_ms": 180000}
+    # Offline the job's record is not read: the stated default speed (1 token/s) admits 1.
+    assert deployment["request_settings"] == {"max_concurrent_requests_per_instance": 1, "request_timeout_ms": 180000}
     assert deployment["environment"]["image"] == DEPLOY_DEFAULTS["AZURE_INFERENCE_IMAGE"]
     # Printing the endpoint left the entity usable (dump() would have turned its identities into dicts).
     assert all(isinstance(i, ManagedIdentityConfiguration) for i in built[0].identity.user_assigned_identities)
@@ -501,8 +504,8 @@ def test_the_deployment_image_is_a_supported_one(azure, monkeypatch, capsys):
     code, out, err = run_main(capsys, "--dry-run")
     assert code == 0, err
     image = validated_yaml_blocks(out)["Deployment"]["environment"]["image"]
-    # Microsoft's supported inference images; "...-py311-cpu-inference" does not exist (ImageBuildFailure).
-    assert image == "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest"
+    # Microsoft's supported Python 3.12 inference image; "...-py311-cpu-inference" does not exist (ImageBuildFailure).
+    assert image == "mcr.microsoft.com/azureml/minimal-py312-inference:latest"
 
 
 @pytest.mark.parametrize("instance_type, override, gpu", [
@@ -540,7 +543,7 @@ def test_the_default_images_in_config_are_supported_ones(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.stdout.split() == ["mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest",
-                                     "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest", "''"]
+                                     "mcr.microsoft.com/azureml/minimal-py312-inference:latest", "''"]
 
 
 def test_a_slot_whose_first_provisioning_failed_is_deleted_and_re_created(service, capsys):
@@ -650,3 +653,37 @@ def test_an_existing_endpoint_that_cannot_be_used_is_refused(service, capsys, st
     code, out, err = run_main(capsys)
     assert code == 1 and says in err and "Traceback" not in out + err
     service.client.online_deployments.begin_create_or_update.assert_not_called()
+
+
+# --- Concurrency and probes from the measured speed (issue 23) -------------------------------------------------------
+def export_record(tokens_per_second, chosen="int4"):
+    """model_output/onnx_export.json as finetuning_dir/onnx_export.py writes it (the fields read)."""
+    return {"chosen": chosen, "max_new_tokens": 128, "candidates": {chosen: {"tokens_per_second": tokens_per_second}}}
+
+
+@pytest.mark.parametrize("tokens_per_second, concurrent", [(50.0, 8), (5.0, 1), (200.0, 35)])
+def test_concurrency_lets_every_admitted_request_finish_inside_the_timeout(azure, tokens_per_second, concurrent):
+    from helpers.serving_speed import endpoint_settings
+
+    settings = endpoint_settings(export_record(tokens_per_second))
+    assert (settings.runtime, settings.max_concurrent_requests) == ("onnxruntime-genai", concurrent)
+    # Azure admits ~2 x c per instance; the last admitted waits for all before it, one worker.
+    last_done_s = 2 * settings.max_concurrent_requests * config.MAX_INPUTS_PER_REQUEST * 128 / tokens_per_second
+    assert last_done_s <= config.REQUEST_TIMEOUT_MS / 1000 or settings.max_concurrent_requests == 1
+    assert (settings.probe_initial_delay_s, settings.probe_period_s) == (10, 10)  # the export loads in under a second
+
+
+def test_a_gpu_instance_or_no_export_uses_the_stated_default(azure):
+    from helpers.serving_speed import DEFAULT_TOKENS_PER_SECOND, endpoint_settings
+
+    for settings in (endpoint_settings(export_record(50.0), has_gpu=True), endpoint_settings(None)):
+        assert settings.runtime == "transformers" and settings.tokens_per_second == DEFAULT_TOKENS_PER_SECOND
+        assert "default" in settings.source and settings.probe_initial_delay_s == 500
+
+
+def test_a_set_max_concurrent_requests_overrides_the_derived_one(service, monkeypatch, capsys):
+    monkeypatch.setenv("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", "3")
+    monkeypatch.setattr(config, "MAX_CONCURRENT_REQUESTS_PER_INSTANCE", 3)
+    code, out, err = run_main(capsys)
+    assert code == 0, err
+    assert deployed(service.client).request_settings.max_concurrent_requests_per_instance == 3

@@ -66,6 +66,7 @@ def client(monkeypatch, road):
     monkeypatch.setattr(serverless_job, "get_ml_client", lambda: ml_client)
     monkeypatch.setattr(serverless_endpoint, "get_ml_client", lambda: ml_client)
     monkeypatch.setattr(serverless_job, "get_registry_client", lambda name: mock_registry_client())
+    azure_mocks.serve_arm_reads(monkeypatch)  # the preflight's subscription and provider reads
     return ml_client
 
 
@@ -130,7 +131,8 @@ def test_config_names_both_phi_models_with_their_registry_ids():
         "Phi-3.5-mini-instruct": "azureml://registries/azureml/models/Phi-3.5-mini-instruct",
     }
     assert config.SERVERLESS_BASE_MODEL in config.SERVERLESS_MODELS
-    assert config.SERVERLESS_REGIONS == ("eastus2",)
+    # The regions come from the registry's model tags; SERVERLESS_REGIONS only narrows them, and is empty by default.
+    assert config.SERVERLESS_REGIONS == () or "SERVERLESS_REGIONS" in os.environ
 
 
 def test_an_unknown_target_or_model_is_refused_by_name():
@@ -179,7 +181,9 @@ def test_dry_run_prints_the_validated_job_offline(road, monkeypatch, capsys):
     assert job["model"] == {"path": "azureml://registries/azureml/models/Phi-4-mini-instruct/labels/latest",
                             "type": "mlflow_model"}
     assert job["hyperparameters"] == {"num_train_epochs": "3", "learning_rate": "5e-06", "per_device_train_batch_size": "4"}
-    assert job["training_data"]["path"].endswith("train_chat.jsonl")
+    # The local files the SDK uploads on submit, not "azureml:/tmp/..." as dump() writes them.
+    assert job["training_data"]["path"] == str(road.CHAT_TRAIN_DATA_PATH)
+    assert job["validation_data"]["path"] == str(road.CHAT_TEST_DATA_PATH)
     assert job["outputs"]["registered_model"]["name"] == "phi-ft-serverless"
     assert "compute" not in job  # no compute: Azure runs it serverless
     assert "experimental" in err and err.count("\n") < 5  # one note, not azure-ai-ml's ten
@@ -241,12 +245,69 @@ def test_a_project_outside_the_serverless_regions_is_refused_before_submitting(c
     client.jobs.create_or_update.assert_not_called()
 
 
+# --- Facts read from the azureml registry (issue 23) ------------------------------------------------------------
+def test_a_retired_base_model_is_refused_before_any_job_with_the_model_to_use(client, road, monkeypatch, capsys):
+    monkeypatch.setattr(config, "SERVERLESS_BASE_MODEL", "Phi-3.5-mini-instruct")  # retired 2025-08-30 (its tags)
+    code, out, err = run(setup_ml.main, capsys, "--job-name", JOB)
+    assert code == 1 and "retired" in err and "2025-08-30" in err
+    assert "SERVERLESS_BASE_MODEL=Phi-4-mini-instruct" in err
+    client.jobs.create_or_update.assert_not_called()
+    assert not road.LAST_JOB_FILE.exists()
+
+
+def test_a_base_model_the_registry_no_longer_lists_is_refused(client, road, monkeypatch, capsys):
+    monkeypatch.setattr(serverless_job, "get_registry_client",
+                        lambda name: mock_registry_client(models={"Phi-4-mini-instruct": azure_mocks.REGISTRY_MODELS[
+                            "Phi-4-mini-instruct"]}))
+    monkeypatch.setattr(config, "SERVERLESS_BASE_MODEL", "Phi-3.5-mini-instruct")
+    code, out, err = run(setup_ml.main, capsys, "--job-name", JOB)
+    assert code == 1 and "no longer lists Phi-3.5-mini-instruct" in err and "Phi-4-mini-instruct" in err
+    client.jobs.create_or_update.assert_not_called()
+
+
+@pytest.mark.parametrize("region", ["westus3", "East US", "northcentralus"])
+def test_every_region_the_models_tag_lists_is_accepted(client, road, capsys, region):
+    serve_workspace(client, location=region)  # eastus2 was once the only region this project allowed
+    finetuning_job_status(client, "Completed")
+    code, out, err = run(setup_ml.main, capsys, "--job-name", JOB)
+    assert code == 0, err
+    assert f"Phi-4-mini-instruct version 7 live; offered in {region}" in out
+
+
+def test_serverless_regions_only_narrows_what_the_registry_lists(client, road, monkeypatch, capsys):
+    monkeypatch.setattr(config, "SERVERLESS_REGIONS", ("eastus2",))
+    serve_workspace(client, location="westus3")  # the model's tag lists it; the user's own list does not
+    code, out, err = run(setup_ml.main, capsys, "--job-name", JOB)
+    assert code == 1 and "westus3" in err and "fine-tunes serverless in eastus2" in err
+    client.jobs.create_or_update.assert_not_called()
+
+
+def test_check_prints_each_check_and_submits_nothing(client, road, capsys):
+    code, out, err = run(setup_ml.main, capsys, "--check")
+    assert code == 0, err
+    for line in ("ok    sign-in: subscription Phi tests", "ok    providers: Microsoft.MachineLearningServices, "
+                 "Microsoft.ContainerRegistry, Microsoft.Network registered", "ok    project: ",
+                 "ok    base model: Phi-4-mini-instruct version 7 live; offered in eastus2"):
+        assert line in out
+    client.jobs.create_or_update.assert_not_called()
+
+
+def test_an_unregistered_network_provider_is_refused_with_the_command(client, road, monkeypatch, capsys):
+    azure_mocks.serve_arm_reads(monkeypatch, registered=("Microsoft.MachineLearningServices",
+                                                         "Microsoft.ContainerRegistry"))
+    code, out, err = run(setup_ml.main, capsys, "--job-name", JOB)
+    assert code == 1 and "FAIL  providers" in out and "az provider register --namespace Microsoft.Network" in err
+    client.jobs.create_or_update.assert_not_called()
+
+
 @pytest.mark.parametrize("message, advice", [
     ("(MissingSubscriptionRegistration) The subscription is not registered to use namespace 'Microsoft.Network'.",
      "az provider register --namespace Microsoft.Network"),
-    ("(AuthorizationFailed) The client does not have authorization to perform action", '--role "Azure AI Developer"'),
+    # fine-tune-serverless.md (2026-01-28): Owner or Contributor on the subscription.
+    ("(AuthorizationFailed) The client does not have authorization to perform action",
+     "--role Contributor --scope /subscriptions/"),
     ("(QuotaExceeded) Quota exceeded for serverless fine-tuning", "quota"),
-    ("(BadRequest) Model Phi-4-mini-instruct fine-tuning is not supported in region westus", "East US 2"),
+    ("(BadRequest) Model Phi-4-mini-instruct fine-tuning is not supported in region westus", "setup_ml.py --check"),
 ], ids=["provider", "role", "quota", "region"])
 def test_azures_refusals_become_one_actionable_sentence(client, road, capsys, message, advice):
     client.jobs.create_or_update.side_effect = HttpResponseError(message=message)
@@ -285,7 +346,8 @@ def test_deploy_dry_run_prints_the_validated_endpoint_offline(road, monkeypatch,
     code, out, err = run(deploy_model.main, capsys, "--dry-run")
     assert code == 0, err
     endpoint = validated_yaml_blocks(out)["Serverless endpoint"]
-    assert (endpoint["name"], endpoint["auth_mode"]) == (ENDPOINT, "key")
+    # Only what azure-ai-ml sends (ServerlessEndpoint._to_rest_object: model id, tags, sku, location).
+    assert endpoint["name"] == ENDPOINT and "auth_mode" not in endpoint and "description" not in endpoint
     assert endpoint["model_id"].endswith("/models/phi-ft-serverless-abc/versions/1")
     assert "Dry run: nothing was deployed." in out
 
@@ -306,7 +368,9 @@ def test_deploy_creates_the_endpoint_smoke_tests_it_and_writes_env(client, road,
     assert code == 0, err
     assert endpoints == {ENDPOINT: MODEL_ID}
     sent = only_call_arg(client.serverless_endpoints.begin_create_or_update)
-    assert (sent.name, sent.model_id, sent.auth_mode) == (ENDPOINT, MODEL_ID, "key")
+    assert (sent.name, sent.model_id) == (ENDPOINT, MODEL_ID)
+    rest = sent._to_rest_object().as_dict()  # what the SDK sends: no auth mode (Azure gives key authentication)
+    assert rest["properties"] == {"modelSettings": {"modelId": MODEL_ID}} and rest["sku"] == {"name": "Consumption"}
     (request,) = ChatHandler.received
     assert request["path"] == "/v1/chat/completions" and request["authorization"] == f"Bearer {KEY}"
     assert request["body"]["messages"] == [{"role": "user", "content": "Who founded Microsoft?"}]
@@ -407,3 +471,10 @@ def test_chat_completions_requests_become_score_py_requests():
                          ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "must be text")):
         with pytest.raises(Bad, match=reason):
             translated(body)
+
+
+def test_deploy_check_asks_before_any_endpoint_is_made(client, road, capsys):
+    code, out, err = run(deploy_model.main, capsys, "--check")
+    assert code == 0, err
+    assert "ok    project: " in out and "Preflight passed: nothing was deployed." in out
+    client.serverless_endpoints.begin_create_or_update.assert_not_called()

@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.filterwarnings(f) for f in azure_mocks.AZURE_WARNING_F
 JOB = "finetune-phi-test"
 GPU_SIZE = "Standard_NC24ads_A100_v4"
 GPU_COMPUTE = "gpu-nc24s-a100-v4"
-GPU_IMAGE = "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:59"
+GPU_IMAGE = "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:124"  # Ubuntu 22.04, CUDA 12.6 (config.py)
 BASE_MODEL = "microsoft/Phi-3.5-mini-instruct"
 # The defaults config.py derives with no environment and no .env (test_config_defaults checks they are).
 # Pinned here so a developer's own .env or environment cannot change what these tests expect.
@@ -83,7 +83,9 @@ def azure(monkeypatch, tmp_path):
 
 @pytest.fixture
 def client(monkeypatch, azure):
-    """The mocked MLClient setup_ml.run_azure_job gets from get_ml_client()."""
+    """The mocked MLClient setup_ml.run_azure_job gets from get_ml_client() (the preflight runs against the fake
+    service in tests/test_azure_sdk_flows.py)."""
+    azure_mocks.skip_preflight(monkeypatch)
     return patch_get_ml_client(monkeypatch, setup_ml, mock_ml_client())
 
 
@@ -380,6 +382,9 @@ def test_dry_run_prints_validated_yaml_without_any_sdk_call(azure, monkeypatch, 
     assert job["type"] == "command"
     assert "--train-file ${{inputs.train_file}}" in job["command"]
     assert "component" not in job
+    # What is sent: the local files (uploaded on submit), not "azureml:/tmp/..." (an asset name) as dump() writes them.
+    assert job["inputs"]["train_file"]["path"] == str(azure.train)
+    assert job["inputs"]["eval_file"]["path"] == str(azure.test)
     assert not azure.last_job.exists()
 
 
@@ -480,13 +485,25 @@ def test_more_processes_per_node_than_the_sku_has_gpus_is_refused(client, monkey
     client.jobs.create_or_update.assert_not_called()
 
 
-@pytest.mark.parametrize("name", ["gp", "a-compute-name-of-25-char", "gpu_cluster", "9gpu", "gpu-"])
+@pytest.mark.parametrize("name", ["gp", "a-compute-name-of-33-characters-x", "gpu_cluster", "9gpu", "gpu-"])
 def test_a_bad_compute_name_is_refused_before_any_call(azure, monkeypatch, capsys, name):
     monkeypatch.setattr(config, "AZURE_COMPUTE_NAME", name)
     forbid_ml_client(monkeypatch, setup_ml)
     for argv in ((), ("--dry-run",)):
         code, out, err = run_main(capsys, *argv)
-        assert code == 1 and "AZURE_COMPUTE_NAME" in err and "3 to 24 characters" in err
+        assert code == 1 and "AZURE_COMPUTE_NAME" in err and "3 to 32 characters" in err
+
+
+def test_a_30_character_cluster_name_passes_the_dry_run(azure, monkeypatch, capsys):
+    # AmlCompute clusters take 3-32 characters; 24 is the compute-instance rule.
+    name = "gpu-cluster-a100-for-phi-tests"
+    assert len(name) == 30
+    monkeypatch.setattr(config, "AZURE_COMPUTE_NAME", name)
+    forbid_ml_client(monkeypatch, setup_ml)
+    code, out, err = run_main(capsys, "--dry-run")
+    assert code == 0, err
+    blocks = validated_yaml_blocks(out)
+    assert blocks["Compute cluster"]["name"] == name and blocks["Command job"]["compute"].endswith(name)
 
 
 def test_a_gpu_job_refuses_to_train_on_the_cpu(client, monkeypatch, capsys):
