@@ -3,8 +3,6 @@ score.py (both runtimes); LOCAL_BASE_MODEL with the tutorial's training settings
 on a CPU; the memory estimate the job prints; the QLoRA merge into a plain copy of the base."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 

@@ -17,7 +17,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 from importlib.metadata import packages_distributions
-from pathlib import Path
 
 import pytest
 import requests
