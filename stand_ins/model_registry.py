@@ -7,8 +7,13 @@ what was registered; the version the local endpoint serves carries the alias `se
 removed by cleanup.py). `make studio` shows them (Models).
 """
 
+import logging
+
 import config
 from helpers.errors import StepError
+
+# How SQLite words a write that found no room (a full disk, a quota, a file-size limit).
+DISK_FULL_SIGNS = ("database or disk is full", "disk I/O error")
 
 
 def register_local_model(model_name, model_dir, job_name):
@@ -16,11 +21,20 @@ def register_local_model(model_name, model_dir, job_name):
     import mlflow
 
     mlflow.set_tracking_uri(config.MLFLOW_TRACKING_URI)
+    database_log = logging.getLogger("mlflow.store.db.utils")  # logs each database error with a traceback, then
+    level = database_log.level                                  # raises it: the step says it once, below
+    database_log.setLevel(logging.CRITICAL)
     try:
         version = mlflow.register_model(str(model_dir), model_name, tags={"job_name": job_name})
     except Exception as error:  # noqa: BLE001 - MLflow and its database raise many types; all mean the same here
+        text = str(error)
+        if any(sign in text for sign in DISK_FULL_SIGNS):
+            raise StepError(f"No room to write the local MLflow registry ({config.MLFLOW_TRACKING_URI}): free some "
+                            "disk space and deploy again; the registry and the endpoint serving now are as they were.") from None
         raise StepError(f"Could not register the model in the local MLflow registry ({config.MLFLOW_TRACKING_URI}): "
-                        f"{type(error).__name__}: {error}") from error
+                        f"{type(error).__name__}: {text.splitlines()[0] if text else ''}") from None
+    finally:
+        database_log.setLevel(level)
     print(f"Registered model {model_name}, version {version.version} (local MLflow registry, "
           f"source {config.shown(model_dir)})")
     return version.version

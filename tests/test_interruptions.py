@@ -15,7 +15,7 @@ import pytest
 import requests
 from dotenv import dotenv_values
 
-from conftest import PROJECT_DIR, run_script
+from conftest import PROJECT_DIR, run_script, write_recipe
 from stand_ins.sandbox import isolated_env
 
 pytestmark = pytest.mark.slow
@@ -37,10 +37,11 @@ DEPLOY_POINTS = [
 ]
 
 
-@pytest.fixture
-def project(tmp_path, trained_model_dir):
-    """A throwaway project whose last job is the demo's fine-tuned model, with one endpoint deployed (blue)."""
-    env = isolated_env(tmp_path)
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, trained_model_dir):
+    """A throwaway project whose last job is the demo's fine-tuned model, with one endpoint deployed. Shared by the
+    tests of this module: each leaves it as a recovered deploy does (one slot serving), the start of the next."""
+    env = isolated_env(tmp_path_factory.mktemp("interrupted"))
     record = {"name": "finetune-phi-interrupted", "target": "local", "status": "Completed",
               "model_output": str(trained_model_dir)}
     Path(env["LAST_JOB_FILE"]).parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,8 @@ def test_a_redeploy_killed_at_any_point_recovers_on_the_next_run(project, fault)
 def test_another_program_on_the_slots_port_still_gets_the_sentence(project):
     import socket
 
-    port = int(project["LOCAL_ENDPOINT_PORT"]) + 1  # green: the slot the redeploy would start
+    live = json.loads((Path(project["LOCAL_ENDPOINT_DIR"]) / "state.json").read_text())["slot"]
+    port = int(project["LOCAL_ENDPOINT_PORT"]) + (0 if live == "green" else 1)  # the slot the redeploy would start
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", port))
         listener.listen()
@@ -189,8 +191,9 @@ def wait_until_ended(env, timeout_s=300):
 
 @pytest.fixture
 def data_ready(tmp_path):
-    """A throwaway project with step 1 done."""
-    env = isolated_env(tmp_path)
+    """A throwaway project with step 1 done and a one-epoch recipe (these tests need a job, not a good model)."""
+    env = {**isolated_env(tmp_path), "RECIPE": str(write_recipe(tmp_path / "one-epoch.yaml", epochs=1)),
+           "ONNX_EXPORT": "false"}
     step(env, "download_dataset.py")
     yield env
     for pid in trainings(env):
@@ -238,7 +241,9 @@ def test_setup_ml_cancel_stops_the_running_job(data_ready):
 
 
 def test_a_full_disk_when_the_model_is_saved_fails_the_job_with_a_sentence_and_the_previous_model_serves(project):
-    env = project
+    jobs = Path(project["JOBS_DIR"]).parent / "model-save"  # its own job record: the others deploy the demo's
+    env = {**project, "RECIPE": str(write_recipe(jobs / "one-epoch.yaml", epochs=1)), "ONNX_EXPORT": "false",
+           "JOBS_DIR": str(jobs / "jobs"), "LAST_JOB_FILE": str(jobs / "last_job.json")}
     step(env, "download_dataset.py")
     # Files of the training process may grow to 1 MB from the model save on: its log can, its weights cannot.
     result = step(env, "setup_ml.py", fault="full:before:mlflow.transformers:save_model", fault_bytes=1_000_000,
@@ -250,3 +255,22 @@ def test_a_full_disk_when_the_model_is_saved_fails_the_job_with_a_sentence_and_t
     deploy = step(env, "deploy_model.py", expect=1)
     assert "is Failed, not Completed" in deploy.stderr
     assert isinstance(answer(env), str), "the model deployed before keeps serving"
+
+
+def test_setup_ml_killed_before_the_job_started_leaves_nothing_running_and_the_rerun_trains(data_ready):
+    env = data_ready
+    step(env, "setup_ml.py", fault="kill:before:stand_ins.job_runner:start_job", expect=-signal.SIGKILL)
+    assert trainings(env) == [] and last_job(env) == {}
+    step(env, "setup_ml.py")
+    step(env, "deploy_model.py")
+    assert isinstance(answer(env), str)
+
+
+def test_a_full_disk_in_the_model_registry_is_a_sentence_and_the_old_endpoint_keeps_serving(project):
+    # The registry (mlflow.db, SQLite) may grow no more once registration starts.
+    result = step(project, "deploy_model.py", fault="full:before:stand_ins.deployment:register_local_model",
+                  fault_bytes=1, expect=1)
+    assert "No room to write the local MLflow registry" in result.stderr and "Traceback" not in result.stderr, \
+        result.stderr[-2000:]
+    assert isinstance(answer(project), str)
+    assert sum(len(pids) for pids in servers(project).values()) == 1, "the new slot was stopped"
