@@ -42,26 +42,30 @@ def read_last_job():
     return record
 
 
-def job_is_running(record):
-    """True while a recorded local job runs: its process (the very one: pid and start time match), or any process
-    of its process group (the training outlives a job process that was killed)."""
+def running_jobs():
+    """{job name: pid of its process group} of this project's local jobs that still run, found by their command lines
+    (their paths are under JOBS_DIR): a job just started, or whose own process was killed, counts too."""
     import psutil
 
-    pid = record.get("pid")
-    if not isinstance(pid, int):
-        return False
-    try:
-        if abs(psutil.Process(pid).create_time() - record.get("create_time", 0)) < 0.01:
-            return True
-    except psutil.Error:
-        pass
+    jobs_dir, found = str(config.JOBS_DIR), {}
     for process in psutil.process_iter(["cmdline"]):
-        try:
-            if os.getpgid(process.pid) == pid and "fine_tune.py" in " ".join(process.info["cmdline"] or []):
-                return True
-        except (OSError, psutil.Error):
+        cmdline = process.info["cmdline"] or []
+        if jobs_dir not in " ".join(cmdline) or process.pid == os.getpid():
             continue
-    return False
+        try:
+            if "stand_ins.job_runner" in cmdline:
+                found[cmdline[cmdline.index("stand_ins.job_runner") + 1]] = os.getpgid(process.pid)
+            elif any(part.endswith("fine_tune.py") for part in cmdline):
+                name = Path(cmdline[cmdline.index("--model_output_dir") + 1]).parent.name
+                found.setdefault(name, os.getpgid(process.pid))
+        except (OSError, ValueError, IndexError):  # ended meanwhile, or not a job's command line after all
+            continue
+    return found
+
+
+def job_is_running(record):
+    """True while the recorded local job runs (its job process, or a training it left behind)."""
+    return record.get("name") in running_jobs()
 
 
 def find_job(job_name, target):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import config
 from helpers.errors import LOG_TAIL_LINES, StepError, exit_code, print_tail
-from helpers.job_record import read_last_job, record_job
+from helpers.job_record import read_last_job, record_job, running_jobs
 from stand_ins import tiny_model
 
 FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"
@@ -140,27 +140,6 @@ def follow_log(process, log_path):
         if ended:
             return tail
         time.sleep(FOLLOW_EVERY_S)
-
-
-def running_jobs():
-    """{job name: pid of its process group} of this project's local jobs that still run, found by their command lines
-    (their paths are under JOBS_DIR): a job just started, or whose own process was killed, counts too."""
-    import psutil
-
-    jobs_dir, found = str(config.JOBS_DIR), {}
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if jobs_dir not in " ".join(cmdline) or process.pid == os.getpid():
-            continue
-        try:
-            if "stand_ins.job_runner" in cmdline:
-                found[cmdline[cmdline.index("stand_ins.job_runner") + 1]] = os.getpgid(process.pid)
-            elif any(part.endswith("fine_tune.py") for part in cmdline):
-                name = Path(cmdline[cmdline.index("--model_output_dir") + 1]).parent.name
-                found.setdefault(name, os.getpgid(process.pid))
-        except (OSError, ValueError, IndexError):  # ended meanwhile, or not a job's command line after all
-            continue
-    return found
 
 
 def refuse_a_second_job():
