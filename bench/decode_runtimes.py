@@ -71,7 +71,7 @@ RUNTIMES = {
     # llama.cpp's Q4_0 in the builder's terms: blocks of 32 and the output layer at 8 bits (llama-quantize keeps it
     # at Q6_K, or Q8_0 where rows do not split into 256s). shared_embeddings=false: with tied embeddings the builder
     # (0.18) writes an invalid model for an 8-bit lm_head unless the lookup gets its own (fp32) table.
-    "ORT-GenAI int4, Q4_0's mix (block 32, lm_head int8)": (
+    "ORT-GenAI int4 like Q4_0 (block 32; lm_head int8)": (
         "onnx", "int4", ["block_size=32", "accuracy_level=4", "matmul_mixed_precision=last_matmul:int8",
                          "shared_embeddings=false"]),
     **{f"llama.cpp {kind}": ("llama.cpp", kind, None) for kind in llama_cpp.FORMATS},
@@ -324,8 +324,9 @@ def llama_cpp_rows(folder, work, names, args, kl_base=None):
 
 
 def show(where, name, per_token, seconds):
-    """One progress line."""
-    print(f"  {where}  {name:<58} {1 / per_token:7.2f} tokens/s  ({seconds:.0f} s)", flush=True)
+    """One progress line, with the load average: another busy process slows llama.cpp's spinning threads most."""
+    print(f"  {where}  {name:<58} {1 / per_token:7.2f} tokens/s  ({seconds:.0f} s, load {os.getloadavg()[0]:.2f})",
+          flush=True)
 
 
 def measure(args, work):
