@@ -121,7 +121,7 @@ def run_tool(command, what):
                             env={**os.environ, "PYTHONPATH": path})
     if result.returncode:
         output = (result.stdout + result.stderr)[-3000:]
-        hint = " (pip install sentencepiece: the converter reads this model's tokenizer.model with it)" \
+        hint = " (pip install sentencepiece: llama.cpp's converter imports it for SentencePiece and Llama-family tokenizers)" \
             if "No module named 'sentencepiece'" in output else ""
         raise LlamaCppError(f"{what} failed{hint}; its output ended:\n{output}")
     return result.stdout + result.stderr
@@ -157,6 +157,8 @@ def gguf_files(model_dir, folder, formats=FORMATS, threads=None, log=print):
 def weight_bytes_per_token(path):
     """Bytes of weights one decoded token reads from a GGUF: all tensors but the input embedding table, unless
     it is also the output layer (tied embeddings: no output.weight)."""
+    if str(source_dir() / "gguf-py") not in sys.path:
+        sys.path.insert(0, str(source_dir() / "gguf-py"))  # the reader of the converter that wrote the file
     from gguf import GGUFReader
 
     tensors = {tensor.name: int(tensor.n_bytes) for tensor in GGUFReader(path).tensors}
