@@ -1,6 +1,6 @@
 """Decode speed at Phi-3-mini's dimensions: transformers fp32/bf16, ONNX Runtime GenAI per precision, llama.cpp.
 
-    python bench/decode_runtimes.py                       # 4- and 8-layer slices, ~15 min on 2 cores (+7 the first time)
+    python bench/decode_runtimes.py                       # 4- and 8-layer slices, ~15 min (+7 the first time)
     python bench/decode_runtimes.py --layers 2,4 --json decode.json
     python bench/decode_runtimes.py --model models/smollm2-135m-instruct   # a real model whole, speed and quality
 

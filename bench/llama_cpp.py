@@ -121,8 +121,8 @@ def run_tool(command, what):
                             env={**os.environ, "PYTHONPATH": path})
     if result.returncode:
         output = (result.stdout + result.stderr)[-3000:]
-        hint = " (pip install sentencepiece: llama.cpp's converter imports it for SentencePiece and Llama-family tokenizers)" \
-            if "No module named 'sentencepiece'" in output else ""
+        hint = (" (pip install sentencepiece: llama.cpp's converter imports it for SentencePiece and Llama-family "
+                "tokenizers)") if "No module named 'sentencepiece'" in output else ""
         raise LlamaCppError(f"{what} failed{hint}; its output ended:\n{output}")
     return result.stdout + result.stderr
 
@@ -282,8 +282,9 @@ def kl_statistics(base_path, logits_of_chunk):
 def parse_kl_output(text):
     """llama-perplexity --kl-divergence's summary: perplexity, mean KL divergence, share of the same top token."""
     figures = {}
-    for key, pattern in (("perplexity", r"Mean PPL\(Q\)\s*:\s*([-\d.]+)"), ("kl_divergence", r"Mean\s+KLD:\s*([-\d.]+)"),
-                         ("same_top", r"Same top p:\s*([-\d.]+)")):
+    patterns = {"perplexity": r"Mean PPL\(Q\)\s*:\s*([-\d.]+)", "kl_divergence": r"Mean\s+KLD:\s*([-\d.]+)",
+                "same_top": r"Same top p:\s*([-\d.]+)"}
+    for key, pattern in patterns.items():
         match = re.search(pattern, text)
         if not match:
             raise LlamaCppError(f"llama-perplexity printed no '{key}' figure; its output ended:\n{text[-2000:]}")
