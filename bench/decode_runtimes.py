@@ -23,6 +23,10 @@ with the same prompt length (64 tokens in the context before decoding), new toke
 machine's cores), and extrapolated the same way; its bytes per token come from the GGUF tensors. Phi-3's
 converter reads a SentencePiece tokenizer.model, so each slice also gets a small one (`sentencepiece`).
 
+Each row waits until other processes leave the CPU idle and is measured again (3 tries) when they took more than
+10 % of it meanwhile; the progress lines say how much they took (llama.cpp's threads spin at every step of a
+token, and lose far more than the others' to a neighbour that takes a core).
+
 The bound: a CPU decoding one sequence reads every weight once per token, so tokens/s can be no more than
 memory bandwidth / bytes per token. The bandwidth is measured here (numpy copy of a 1 GiB array: bytes read
 + written per second, best of 5). Each runtime's share of its own bound shows how much is left to gain.
@@ -79,6 +83,11 @@ RUNTIMES = {
 # --model's default: the quality reference (transformers fp32), the ONNX exports, llama.cpp's formats
 MODEL_RUNTIMES = [name for name in RUNTIMES if name not in ("transformers bf16", "ORT-GenAI int4 (builder defaults)")]
 REFERENCE = "transformers fp32"
+# The two cores are shared: a row is measured when other processes leave the CPU idle, and again (3 tries in all)
+# when they took more than 10 % of it meanwhile (llama.cpp's spinning threads lose most to a busy neighbour).
+QUIET_SHARE = 0.10
+ROW_ATTEMPTS = 3
+QUIET_WAIT_S = 900  # the longest wait for quiet before a row runs anyway (its share of others is printed)
 SLICE_TOKENIZER_VOCABULARY = 1000  # the converter pads it to 32064 entries; the ids decoded are random anyway
 
 
@@ -289,10 +298,12 @@ def onnx_row(folder, export, precision, options, new_tokens, repeats, kl_base=No
             onnx_export.build(folder, export, precision, options, export.parent / "cache")
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     per_token, prefill = time_onnx(export, new_tokens, repeats, vocab)
-    weights = weight_bytes_per_token("onnx", export, precision)
-    quality = llama_cpp.kl_statistics(kl_base, onnx_logits(export)) if kl_base else None
+    figures = {"seconds_per_token": per_token, "prefill_seconds": prefill,
+               "weight_bytes": weight_bytes_per_token("onnx", export, precision)}
+    if kl_base:
+        figures["quality"] = llama_cpp.kl_statistics(kl_base, onnx_logits(export))
     shutil.rmtree(export)
-    return per_token, prefill, weights, quality
+    return figures
 
 
 def in_child(function, *arguments):
@@ -304,29 +315,50 @@ def in_child(function, *arguments):
         return child.submit(function, *arguments).result()
 
 
-def llama_cpp_rows(folder, work, names, args, kl_base=None):
-    """llama.cpp's formats of a model folder: {name: figures}, each converted, quantized, timed (and scored)."""
-    formats = [RUNTIMES[name][1] for name in names]
-    files = llama_cpp.gguf_files(folder, work, formats, threads=args.threads)
-    rows = {}
-    for name in names:
-        path = files[RUNTIMES[name][1]]
-        started = time.perf_counter()
-        figures = llama_cpp.bench(path, args.threads, args.new_tokens, args.repeats)
-        rows[name] = {"seconds_per_token": 1 / figures["decode_tokens_per_second"],
-                      "prefill_seconds": PROMPT_TOKENS / figures["prefill_tokens_per_second"],
-                      "weight_bytes": llama_cpp.weight_bytes_per_token(path), "llama_bench": figures}
-        if kl_base:
-            rows[name]["quality"] = llama_cpp.kl_divergence(path, kl_base, args.threads)
-        rows[name]["seconds"] = time.perf_counter() - started
-    shutil.rmtree(work)
-    return rows
+def llama_cpp_row(path, args, kl_base=None):
+    """One GGUF file timed by llama-bench (and scored by llama-perplexity)."""
+    bench = llama_cpp.bench(path, args.threads, args.new_tokens, args.repeats)
+    figures = {"seconds_per_token": 1 / bench["decode_tokens_per_second"],
+               "prefill_seconds": PROMPT_TOKENS / bench["prefill_tokens_per_second"],
+               "weight_bytes": llama_cpp.weight_bytes_per_token(path), "llama_bench": bench}
+    if kl_base:
+        figures["quality"] = llama_cpp.kl_divergence(path, kl_base, args.threads)
+    return figures
 
 
-def show(where, name, per_token, seconds):
-    """One progress line, with the load average: another busy process slows llama.cpp's spinning threads most."""
-    print(f"  {where}  {name:<58} {1 / per_token:7.2f} tokens/s  ({seconds:.0f} s, load {os.getloadavg()[0]:.2f})",
-          flush=True)
+def busy_seconds():
+    """CPU seconds so far: of every process on the machine, and of this one with its finished children."""
+    import psutil
+
+    machine, own = psutil.cpu_times(), os.times()
+    return (machine.user + machine.nice + machine.system + getattr(machine, "irq", 0) + getattr(machine, "softirq", 0),
+            own.user + own.system + own.children_user + own.children_system)
+
+
+def wait_for_quiet():
+    """Wait until the machine is idle (other processes under QUIET_SHARE of its CPU), at most QUIET_WAIT_S."""
+    import psutil
+
+    deadline = time.monotonic() + QUIET_WAIT_S
+    while psutil.cpu_percent(interval=5) / 100 > QUIET_SHARE and time.monotonic() < deadline:
+        pass
+
+
+def guarded(where, name, row):
+    """row() on an otherwise idle machine: waits for quiet first, and measures again (ROW_ATTEMPTS in all) when other
+    processes took more than QUIET_SHARE of the CPU meanwhile; the figures get that share and a progress line."""
+    for attempt in range(1, ROW_ATTEMPTS + 1):
+        wait_for_quiet()
+        (machine, own), started = busy_seconds(), time.perf_counter()
+        figures = row()
+        (machine_after, own_after), seconds = busy_seconds(), time.perf_counter() - started
+        share = max(0.0, (machine_after - machine) - (own_after - own)) / (seconds * (os.cpu_count() or 1))
+        figures = {**figures, "others_share": share, "attempts": attempt}
+        print(f"  {where}  {name:<58} {1 / figures['seconds_per_token']:7.2f} tokens/s  ({seconds:.0f} s, other "
+              f"processes {share:.0%} of the CPU)", flush=True)
+        if share <= QUIET_SHARE:
+            break
+    return figures
 
 
 def measure(args, work):
@@ -338,34 +370,35 @@ def measure(args, work):
     results = {name: {} for name in args.runtimes}
     llama_names = [name for name in args.runtimes if RUNTIMES[name][0] == "llama.cpp"]
     for layers in args.layers:
-        folder = work / f"slice-{layers}"
+        where, folder = f"{layers} layers", work / f"slice-{layers}"
         model, typed = build_slice(layers, folder, sentencepiece_tokenizer=bool(llama_names)), None
         for name in args.runtimes:  # transformers first, while the model is in memory
             runtime, precision, options = RUNTIMES[name]
             if runtime != "transformers":
                 continue
-            started = time.perf_counter()
             typed = model.to(getattr(torch, precision)).eval()
-            per_token, prefill = time_transformers(typed, args.new_tokens, args.repeats)
-            results[name][layers] = {"seconds_per_token": per_token, "prefill_seconds": prefill,
-                                     "weight_bytes": weight_bytes_per_token(runtime, typed, precision)}
-            show(f"{layers} layers", name, per_token, time.perf_counter() - started)
+
+            def row():
+                per_token, prefill = time_transformers(typed, args.new_tokens, args.repeats)
+                return {"seconds_per_token": per_token, "prefill_seconds": prefill,
+                        "weight_bytes": weight_bytes_per_token(runtime, typed, precision)}
+
+            results[name][layers] = guarded(where, name, row)
         del model, typed
         gc.collect()
         for name in args.runtimes:
             runtime, precision, options = RUNTIMES[name]
-            if runtime != "onnx":
-                continue
-            started = time.perf_counter()
-            export = work / f"{layers}-onnx-{list(RUNTIMES).index(name)}"
-            per_token, prefill, weights, _ = in_child(onnx_row, folder, export, precision, options,
-                                                      args.new_tokens, args.repeats)
-            results[name][layers] = {"seconds_per_token": per_token, "prefill_seconds": prefill, "weight_bytes": weights}
-            show(f"{layers} layers", name, per_token, time.perf_counter() - started)
+            if runtime == "onnx":
+                export = work / f"{layers}-onnx-{list(RUNTIMES).index(name)}"
+                results[name][layers] = guarded(where, name, lambda: in_child(
+                    onnx_row, folder, export, precision, options, args.new_tokens, args.repeats))
         if llama_names:
-            for name, figures in llama_cpp_rows(folder, work / f"gguf-{layers}", llama_names, args).items():
-                results[name][layers] = figures
-                show(f"{layers} layers", name, figures["seconds_per_token"], figures.pop("seconds"))
+            files = llama_cpp.gguf_files(folder, work / f"gguf-{layers}", [RUNTIMES[n][1] for n in llama_names],
+                                         threads=args.threads)
+            for name in llama_names:
+                path = files[RUNTIMES[name][1]]
+                results[name][layers] = guarded(where, name, lambda: llama_cpp_row(path, args))
+            shutil.rmtree(work / f"gguf-{layers}")
         shutil.rmtree(folder)
     return results
 
@@ -409,29 +442,27 @@ def measure_model(args, work):
         runtime, precision, options = RUNTIMES[name]
         if runtime != "transformers":
             continue
-        started = time.perf_counter()
         typed = model.to(getattr(torch, precision)).eval()
-        per_token, prefill = time_transformers(typed, args.new_tokens, args.repeats)
-        quality = llama_cpp.kl_statistics(kl_base, reference_logits)
-        results[name] = {"seconds_per_token": per_token, "prefill_seconds": prefill, "quality": quality,
-                         "weight_bytes": weight_bytes_per_token(runtime, typed, precision)}
-        show("model", name, per_token, time.perf_counter() - started)
+
+        def row():
+            per_token, prefill = time_transformers(typed, args.new_tokens, args.repeats)
+            return {"seconds_per_token": per_token, "prefill_seconds": prefill,
+                    "weight_bytes": weight_bytes_per_token(runtime, typed, precision)}
+
+        results[name] = {**guarded("model", name, row), "quality": llama_cpp.kl_statistics(kl_base, reference_logits)}
     for name in args.runtimes:
         runtime, precision, options = RUNTIMES[name]
-        if runtime != "onnx":
-            continue
-        started = time.perf_counter()
-        export = work / f"model-onnx-{list(RUNTIMES).index(name)}"
-        per_token, prefill, weights, quality = in_child(onnx_row, args.model, export, precision, options,
-                                                        args.new_tokens, args.repeats, kl_base)
-        results[name] = {"seconds_per_token": per_token, "prefill_seconds": prefill, "weight_bytes": weights,
-                         "quality": quality}
-        show("model", name, per_token, time.perf_counter() - started)
+        if runtime == "onnx":
+            export = work / f"model-onnx-{list(RUNTIMES).index(name)}"
+            results[name] = guarded("model", name, lambda: in_child(
+                onnx_row, args.model, export, precision, options, args.new_tokens, args.repeats, kl_base))
     llama_names = [name for name in args.runtimes if RUNTIMES[name][0] == "llama.cpp"]
     if llama_names:
-        for name, figures in llama_cpp_rows(args.model, work / "gguf-model", llama_names, args, kl_base).items():
-            results[name] = figures
-            show("model", name, figures["seconds_per_token"], figures.pop("seconds"))
+        files = llama_cpp.gguf_files(args.model, work / "gguf-model", [RUNTIMES[n][1] for n in llama_names],
+                                     threads=args.threads)
+        for name in llama_names:
+            path = files[RUNTIMES[name][1]]
+            results[name] = guarded("model", name, lambda: llama_cpp_row(path, args, kl_base))
     return results
 
 
