@@ -68,10 +68,11 @@ studio: venv
 eval: venv
 	$(PY) evaluate_flow.py --compare-base
 
-# The CPU benchmarks of docs/benchmarks.md (~35 minutes on 2 cores; the first run adds ~7-10 minutes: the
+# The CPU benchmarks of docs/benchmarks.md (~30 minutes on 2 idle cores). The first run adds 7-10 minutes: the
 # decode benchmark builds llama.cpp, its CPU peer, from PyPI's llama-cpp-python sdist into models/.llama.cpp/
-# once, with cmake, ninja and a C++ compiler). The endpoint benchmark serves the model of the last `make demo`
-# with both runtimes; the real-model comparison scores the held-out chats that `make demo` wrote (data/).
+# once (cmake, ninja and a C++ compiler needed). Its rows wait while other processes keep the CPU busy.
+# The endpoint benchmark serves the model of the last `make demo` with both runtimes; the real-model comparison
+# scores the held-out chats that `make demo` wrote (data/test_data.jsonl).
 # On a GPU machine (after make venv-gpu):
 #   python bench/train_throughput.py --size mini --profiles tutorial,lora,qlora --serving
 bench: venv

@@ -1,8 +1,8 @@
 """Decode speed at Phi-3-mini's dimensions: transformers fp32/bf16, ONNX Runtime GenAI per precision, llama.cpp.
 
-    python bench/decode_runtimes.py                       # 4- and 8-layer slices, ~15 min (+7 the first time)
+    python bench/decode_runtimes.py                       # 4- and 8-layer slices, ~12 min (+7-10 the first time)
     python bench/decode_runtimes.py --layers 2,4 --json decode.json
-    python bench/decode_runtimes.py --model models/smollm2-135m-instruct   # a real model whole, speed and quality
+    python bench/decode_runtimes.py --model models/smollm2-135m-instruct   # a real model: speed, quality (~5 min)
 
 Nothing is downloaded: each slice is a `Phi3ForCausalLM` with Phi-3-mini's layer dimensions (hidden 3072,
 MLP 8192, 32 heads, vocabulary 32064) and random weights, saved to a temporary folder and exported with ONNX
