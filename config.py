@@ -46,7 +46,22 @@ def _str(name, default):
 
 def _int(name, default):
     """A whole-number setting."""
-    return int(_str(name, str(default)))
+    value = _str(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number; set {name} to one, e.g. {default}") from None
+
+
+def _optional_positive_int(name):
+    """A whole number above 0, or None when empty (then the recipe's own value applies)."""
+    value = _str(name, "")
+    if not value:
+        return None
+    if not value.isdecimal() or int(value) < 1:
+        raise ValueError(f"{name}={value!r} is not a whole number above 0; set {name} to one (e.g. 20), "
+                         "or leave it empty for the recipe's")
+    return int(value)
 
 
 def _float(name, default):
@@ -119,6 +134,10 @@ RECIPE = _path("RECIPE", TINY_RECIPE if TARGET == "local" and LOCAL_BASE_MODEL_I
 # Empty: the recipe's method. auto: the most faithful that fits the GPU (full, then lora, then qlora), from an
 # estimate printed before the weights load (finetuning_dir/memory_estimate.py); qlora needs a CUDA GPU.
 FINETUNE_METHOD = _str("FINETUNE_METHOD", "")
+# Empty: the recipe's max_steps (none of recipes/ sets one: every epoch runs). A number stops the run after that many
+# optimizer steps, epochs or not: a few-minute run on Azure checks the whole job (data, GPU, model output, step 3)
+# before the hours of a full one are billed. Fewer steps learn less: the model it writes is only a check.
+MAX_STEPS = _optional_positive_int("MAX_STEPS")
 
 # --- Step 2: Azure ML compute, environment and job (setup_ml.py) ---------------------------------
 # The CPU variant is for subscriptions without GPU quota (free/benefit ones): slower, use a tiny DATASET_SPLIT.

@@ -69,6 +69,18 @@ def test_unknown_target_is_a_clear_error():
     assert result.returncode != 0 and "TARGET='aws'" in result.stderr
 
 
+def test_a_whole_number_setting_that_is_not_one_is_named():
+    result = run_script("-c", "import config", env={"SPLIT_SEED": "forty-two"})
+    assert result.returncode != 0 and "SPLIT_SEED='forty-two' is not a whole number" in result.stderr
+
+
+@pytest.mark.parametrize("value, expected", [("", "None"), ("20", "20"), (" 7 ", "7")])
+def test_max_steps_is_empty_for_the_recipes_or_a_number_of_steps(tmp_path, value, expected):
+    env = {"FINETUNE_PHI_ENV_FILE": str(tmp_path / "none"), "MAX_STEPS": value}
+    result = run_script("-c", PRINT_SETTINGS.format("MAX_STEPS"), env=env)
+    assert result.stdout.strip() == expected, result.stderr
+
+
 def test_import_reads_settings_and_nothing_else(tmp_path):
     # No network (connect fails loudly) and no file written (the folder stays empty).
     script = textwrap.dedent(f"""
