@@ -6,12 +6,14 @@ Each value comes from the environment first, then from `.env` next to this file,
 default below. Copy `.env.example` to `.env` and fill in the Azure names (Scenario 1) before you
 run a step with `TARGET=azure`; the local target needs none of them.
 
-Importing this module reads settings and does nothing else: no network call, no file written, and
-os.environ left as it was (`.env` is read, never copied into the environment). `fresh()` reads a setting
-again, for a long-running process that must follow a file another step rewrites (the endpoint's URL and key).
+Importing this module reads settings (and the recipe's model_name) and does nothing else: no network call,
+no file written, and os.environ left as it was (`.env` is read, never copied into the environment). `fresh()`
+reads a setting again, for a long-running process that must follow a file another step rewrites (the
+endpoint's URL and key).
 """
 
 import os
+import re
 from pathlib import Path
 
 from dotenv import dotenv_values
@@ -82,6 +84,28 @@ def _path(name, default):
     return PROJECT_DIR / _str(name, default)
 
 
+def _recipe_model(recipe):
+    """The base model a recipe trains: its model_name, else fine_tune.py's default (the tutorial's); None when the
+    file cannot be read (setup_ml.py names a missing RECIPE before it runs anything)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return str(values.get("model_name") or TUTORIAL_BASE_MODEL) if isinstance(values, dict) else None
+
+
+def _registered_model_name(base_model):
+    """finetune- and the base model's last path part in lowercase letters, digits and dashes (a Hub id or a folder);
+    the tutorial's name for the tutorial's model, and for None (a recipe that cannot be read). Azure ML takes
+    [A-Za-z0-9_.-], 255 at most, no dot last (azure-ai-ml's model_dataplane); MLflow's registry takes it too."""
+    slug = re.sub(r"[^a-z0-9]+", "-", Path(base_model or TUTORIAL_BASE_MODEL).name.lower()).strip("-")
+    if slug == "phi-3-5-mini-instruct":
+        return TUTORIAL_MODEL_NAME
+    return f"finetune-{slug or 'model'}"[:255].rstrip("-")
+
+
 # --- Where the steps run -------------------------------------------------------------------------
 TARGET = _str("TARGET", "local")  # "local": this machine, no Azure account; "azure": Azure Machine Learning
 # "serverless": Azure AI Foundry's serverless fine-tuning and a serverless API endpoint (pay per token)
@@ -119,6 +143,7 @@ TEST_DATA_PATH = _path("TEST_DATA_PATH", "data/test_data.jsonl")
 # job get the same file. Default: the tiny model's recipe on this machine, the tutorial's on Azure.
 TINY_RECIPE = "recipes/tiny-phi3/sft/config_cpu.yaml"
 TUTORIAL_RECIPE = "recipes/phi-3.5-mini/sft/config_tutorial.yaml"
+TUTORIAL_BASE_MODEL = "microsoft/Phi-3.5-mini-instruct"  # its model_name; fine_tune.py's default too
 # The local target's base model: a Hub id (microsoft/Phi-3.5-mini-instruct, microsoft/Phi-4-mini-instruct: a
 # GPU of your own, docs/own-gpu.md) or a folder, in place of the recipe's. Empty: the tiny Phi-3 (same
 # architecture, random weights), built in TINY_MODEL_DIR in seconds; a folder there that holds a model of your
@@ -178,7 +203,16 @@ JOBS_DIR = _path("JOBS_DIR", "outputs/jobs")  # local jobs: one folder per job (
 LAST_JOB_FILE = _path("LAST_JOB_FILE", "outputs/last_job.json")  # written by setup_ml.py, read by deploy_model.py
 
 # --- Step 3: model registration and the endpoint (deploy_model.py) -------------------------------
-AZURE_MODEL_NAME = _str("AZURE_MODEL_NAME", "finetune-phi-3-5-mini")
+# The registered model's name follows the base model step 2 trains, so models of two bases never become versions
+# of one name: microsoft/Phi-4-mini-instruct registers as finetune-phi-4-mini-instruct, LOCAL_BASE_MODEL=
+# models/smollm2-135m-instruct as finetune-smollm2-135m-instruct. The tutorial's Phi-3.5-mini keeps the tutorial's
+# name, and so does the tiny Phi-3 that stands in for it on this machine.
+TUTORIAL_MODEL_NAME = "finetune-phi-3-5-mini"
+if TARGET == "local":  # the local job trains LOCAL_BASE_MODEL in place of the recipe's model_name
+    _trained_model = TUTORIAL_BASE_MODEL if LOCAL_BASE_MODEL_IS_TINY else LOCAL_BASE_MODEL
+else:
+    _trained_model = _recipe_model(RECIPE)
+AZURE_MODEL_NAME = _str("AZURE_MODEL_NAME", _registered_model_name(_trained_model))  # set: used as it is
 AZURE_ENDPOINT_NAME = _str("AZURE_ENDPOINT_NAME", "<your-endpoint-name>")  # unique within the Azure region
 AZURE_DEPLOYMENT_NAME = _str("AZURE_DEPLOYMENT_NAME", "finetune-phi-deployment")
 AZURE_DEPLOYMENT_INSTANCE_TYPE = _str("AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_E4s_v3")  # 4 vCPU, 32 GiB, no quota
