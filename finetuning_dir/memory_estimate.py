@@ -31,7 +31,10 @@ import sys
 GIB = 1024 ** 3
 METHODS = ("full", "lora", "qlora")  # the most faithful first: auto takes the first that fits
 NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits a weight, plus double-quantized scales (QLoRA paper: 0.127 bits a parameter)
-OVERHEAD_SHARE, OVERHEAD_BYTES = 0.10, 1 * GIB
+OVERHEAD_SHARE, OVERHEAD_BYTES = 0.10, 1 * GIB  # on a GPU: the CUDA context, the allocator's fragmentation
+# On a CPU the peak is the process's resident memory: the libraries themselves (torch, transformers, TRL, datasets,
+# MLflow: 0.53 GiB measured after import) plus what the allocator holds on to.
+CPU_PROCESS_BYTES, CPU_OVERHEAD_SHARE = 0.55 * GIB, 0.10
 
 
 class MethodError(ValueError):
@@ -64,7 +67,7 @@ def parameter_counts(s, lora_rank=16):
     return {"total": linear + embeddings + norms, "linear": linear, "lora": lora}
 
 
-def estimate(config, method, max_length, batch_size, bf16, lora_rank=16, gradient_checkpointing=True):
+def estimate(config, method, max_length, batch_size, bf16, lora_rank=16, gradient_checkpointing=True, has_cuda=True):
     """Bytes by part for one method: weights, gradients, optimizer, activations, logits, overhead, total."""
     s, counts = shape(config), None
     counts = parameter_counts(s, lora_rank)
@@ -86,7 +89,8 @@ def estimate(config, method, max_length, batch_size, bf16, lora_rank=16, gradien
     parts["activations"] = (saved + per_layer) if gradient_checkpointing else per_layer * s["layers"]
     parts["logits"] = 2 * tokens * s["vocab"] * 4
     subtotal = sum(parts.values())
-    parts["overhead"] = subtotal * OVERHEAD_SHARE + OVERHEAD_BYTES
+    parts["overhead"] = (subtotal * OVERHEAD_SHARE + OVERHEAD_BYTES if has_cuda
+                         else subtotal * CPU_OVERHEAD_SHARE + CPU_PROCESS_BYTES)
     parts["total"] = subtotal + parts["overhead"]
     parts["parameters"] = counts["total"]
     parts["trainable"] = counts["total"] if method == "full" else counts["lora"]
@@ -152,7 +156,7 @@ def plan(config, requested, max_length, batch_size, bf16, has_cuda, lora_rank=16
          memory=None):
     """Estimates for every method, the chosen one and why (printed by fine_tune.py before it loads anything)."""
     memory, what = (memory, f"{memory / GIB:.0f} GiB") if memory else device_memory()
-    estimates = {m: estimate(config, m, max_length, batch_size, bf16, lora_rank, gradient_checkpointing)
+    estimates = {m: estimate(config, m, max_length, batch_size, bf16, lora_rank, gradient_checkpointing, has_cuda)
                  for m in METHODS}
     method, why = choose_method(requested, estimates, memory, has_cuda, what)
     return method, why, report(estimates, what)
