@@ -32,9 +32,13 @@ GIB = 1024 ** 3
 METHODS = ("full", "lora", "qlora")  # the most faithful first: auto takes the first that fits
 NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits a weight, plus double-quantized scales (QLoRA paper: 0.127 bits a parameter)
 OVERHEAD_SHARE, OVERHEAD_BYTES = 0.10, 1 * GIB  # on a GPU: the CUDA context, the allocator's fragmentation
-# On a CPU the peak is the process's resident memory: the libraries themselves (torch, transformers, TRL, datasets,
-# MLflow: 0.53 GiB measured after import) plus what the allocator holds on to.
-CPU_PROCESS_BYTES, CPU_OVERHEAD_SHARE = 0.55 * GIB, 0.10
+# On a CPU the peak is the process's resident memory, measured (SmolLM2-135M, fp32, 2026-12-06: full and LoRA,
+# batches of 4-16 x 142 tokens, with and without checkpointing; docs/benchmarks.md section 7): the libraries
+# (torch, transformers, TRL, datasets, MLflow: 0.46 GiB after import) and the evaluation's and allocator's buffers
+# take 1.3 GiB; LoRA's activations and logits take 2x the formula's (PEFT keeps a dropout copy of each adapted
+# layer's input, and TRL's entropy and accuracy metrics their own copies of the logits). Within 13 % of every
+# measured peak. On a GPU the formula is not yet measured (no GPU lent when this was written).
+CPU_PROCESS_BYTES, CPU_OVERHEAD_SHARE, CPU_LORA_FACTOR = 1.3 * GIB, 0.10, 2.0
 
 
 class MethodError(ValueError):
@@ -88,6 +92,9 @@ def estimate(config, method, max_length, batch_size, bf16, lora_rank=16, gradien
     saved = s["layers"] * tokens * s["hidden"] * act_width
     parts["activations"] = (saved + per_layer) if gradient_checkpointing else per_layer * s["layers"]
     parts["logits"] = 2 * tokens * s["vocab"] * 4
+    if not has_cuda and method != "full":
+        parts["activations"] *= CPU_LORA_FACTOR
+        parts["logits"] *= CPU_LORA_FACTOR
     subtotal = sum(parts.values())
     parts["overhead"] = (subtotal * OVERHEAD_SHARE + OVERHEAD_BYTES if has_cuda
                          else subtotal * CPU_OVERHEAD_SHARE + CPU_PROCESS_BYTES)
