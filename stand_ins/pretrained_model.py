@@ -65,10 +65,12 @@ def convert(gguf_file, output_dir):
     """Load the GGUF with transformers and save it as a plain transformers folder (float32); returns the parameters."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     sys.path.insert(0, str(config.PROJECT_DIR / "finetuning_dir"))  # the job's own module, as the job imports it
     from chat_stops import stop_token_ids
 
+    transformers_logging.disable_progress_bar()  # the GGUF's "Converting and de-quantizing" bar, in every step's log
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

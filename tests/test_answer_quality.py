@@ -66,3 +66,13 @@ def test_perplexity_is_per_chat_weighted_by_predicted_tokens_and_answers_are_sco
     result = quality.answers(lambda prompt: [ord(ch) for ch in "Paris"])
     assert result["answers"] == ["Paris", "Paris"] and result["new_tokens"] == 10
     assert result["f1"] == pytest.approx(0.5) and result["rouge_l"] == pytest.approx(0.5)
+
+
+def test_the_scored_chats_are_bounded_in_number_and_tokens(monkeypatch):
+    from finetuning_dir import answer_quality
+
+    monkeypatch.setattr(answer_quality, "MAX_TOKENS", 50)
+    chats = [[{"role": "user", "content": "x" * 10}, {"role": "assistant", "content": "y" * 10}]] * 10
+    quality = AnswerQuality(chats, CharacterTokenizer())
+    assert len(quality.chats) == 50 // len("user:xxxxxxxxxx|assistant:yyyyyyyyyy|")  # whole chats up to the budget
+    assert len(quality.questions) == 10  # the answers are bounded by their own count (export_onnx's questions)
