@@ -76,6 +76,7 @@ bench: venv
 	$(PY) bench/train_throughput.py --size tiny
 	$(PY) bench/endpoint_load.py --runtimes transformers,onnxruntime-genai
 	$(PY) bench/decode_runtimes.py
+	$(PY) bench/real_model.py
 	$(PY) bench/pipeline.py
 
 clean: venv
