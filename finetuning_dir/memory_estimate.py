@@ -32,13 +32,14 @@ GIB = 1024 ** 3
 METHODS = ("full", "lora", "qlora")  # the most faithful first: auto takes the first that fits
 NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits a weight, plus double-quantized scales (QLoRA paper: 0.127 bits a parameter)
 OVERHEAD_SHARE, OVERHEAD_BYTES = 0.10, 1 * GIB  # on a GPU: the CUDA context, the allocator's fragmentation
-# On a CPU the peak is the process's resident memory, measured (SmolLM2-135M, fp32, 2026-12-06: full and LoRA,
-# batches of 4-16 x 142 tokens, with and without checkpointing; docs/benchmarks.md section 7): the libraries
-# (torch, transformers, TRL, datasets, MLflow: 0.46 GiB after import) and the evaluation's and allocator's buffers
-# take 1.3 GiB; LoRA's activations and logits take 2x the formula's (PEFT keeps a dropout copy of each adapted
-# layer's input, and TRL's entropy and accuracy metrics their own copies of the logits). Within 13 % of every
-# measured peak. On a GPU the formula is not yet measured (no GPU lent when this was written).
-CPU_PROCESS_BYTES, CPU_OVERHEAD_SHARE, CPU_LORA_FACTOR = 1.3 * GIB, 0.10, 2.0
+# On a CPU the peak is the process's resident memory, measured (2026-12-06; docs/benchmarks.md section 7): the
+# libraries (torch, transformers, TRL, datasets, MLflow: 0.46 GiB after import) with the data and the evaluation's
+# buffers take 0.9 GiB (the tiny model's whole run peaked at 0.93), and the loaded weights count ~0.8x once more
+# (SmolLM2-135M, fp32: full and LoRA, batches of 4-16 x 142 tokens, with and without checkpointing). LoRA's
+# activations and logits take 2x the formula's (PEFT keeps a dropout copy of each adapted layer's input, and TRL's
+# entropy and accuracy metrics their own copies of the logits). Within 13 % of every measured peak. On a GPU the
+# formula is not yet measured (no GPU lent when this was written).
+CPU_PROCESS_BYTES, CPU_WEIGHTS_AGAIN, CPU_OVERHEAD_SHARE, CPU_LORA_FACTOR = 0.9 * GIB, 0.8, 0.10, 2.0
 
 
 class MethodError(ValueError):
@@ -97,7 +98,7 @@ def estimate(config, method, max_length, batch_size, bf16, lora_rank=16, gradien
         parts["logits"] *= CPU_LORA_FACTOR
     subtotal = sum(parts.values())
     parts["overhead"] = (subtotal * OVERHEAD_SHARE + OVERHEAD_BYTES if has_cuda
-                         else subtotal * CPU_OVERHEAD_SHARE + CPU_PROCESS_BYTES)
+                         else subtotal * CPU_OVERHEAD_SHARE + CPU_PROCESS_BYTES + CPU_WEIGHTS_AGAIN * parts["weights"])
     parts["total"] = subtotal + parts["overhead"]
     parts["parameters"] = counts["total"]
     parts["trainable"] = counts["total"] if method == "full" else counts["lora"]

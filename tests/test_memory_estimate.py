@@ -1,6 +1,8 @@
 """finetuning_dir/memory_estimate.py: parameters counted from real Phi configs, the method auto picks for a
 GPU's size, the sentences of a refusal, and the estimate the demo's job printed."""
 
+import re
+
 import pytest
 
 from finetuning_dir import memory_estimate as m
@@ -84,6 +86,9 @@ def test_the_report_has_one_row_a_method():
 def test_the_demo_job_printed_its_estimate_and_method(demo_run):
     assert "Memory estimate (GiB) against this machine's available memory" in demo_run.stdout
     assert "Method: auto chose full: full needs" in demo_run.stdout
+    peak, estimated = map(float, re.search(r"memory\s+peak ([\d.]+) GiB measured, ([\d.]+) GiB estimated",
+                                           demo_run.stdout).groups())
+    assert estimated == pytest.approx(peak, rel=0.20)  # the tiny model's run, measured against its estimate
 
 
 # Peaks measured on this machine's CPU (fine_tune.py's own phases to the end of training; the process's peak
