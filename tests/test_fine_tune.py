@@ -316,10 +316,17 @@ def test_a_short_run_does_not_spend_its_steps_warming_up(steps, ratio, warmup):
     assert trainer.args.warmup_steps == warmup  # a 1-step run trains at its learning rate, not at 0
 
 
-def test_a_run_that_barely_moved_the_model_is_named():
+@pytest.mark.parametrize("method, steps, rate, warned", [
+    ("full", 9, 5e-6, True),      # the tutorial's recipe on the 264 sample chats
+    ("full", 850, 5e-6, False),   # the tutorial's recipe on its ~1,663 ultrachat chats
+    ("lora", 33, 3e-4, False),    # recipes/smollm2-135m/sft/config_lora_cpu.yaml
+    ("lora", 6, 3e-4, True),
+    ("full", 255, 5e-3, False),   # the tiny model's recipe
+])
+def test_a_run_too_short_for_its_rate_is_named(method, steps, rate, warned):
     import fine_tune
 
-    args = SimpleNamespace(learning_rate=5e-6)
-    warning = fine_tune.barely_moved(34.4, 34.3, 9, args)
-    assert "barely moved" in warning and "9 step(s) at learning rate 5e-06" in warning
-    assert fine_tune.barely_moved(34.4, 30.0, 9, args) is None
+    warning = fine_tune.too_short(steps, SimpleNamespace(learning_rate=rate, method=method))
+    assert (warning is not None) is warned
+    if warned:
+        assert f"{steps} step(s) at learning rate {rate:g}" in warning and "too few for that rate" in warning

@@ -69,7 +69,6 @@ def test_a_few_lora_steps_move_the_real_model_and_draw_a_curve(trained):
     result, folder = trained
     before, after = summary_figure(result.stdout, "perplexity")[:2]
     assert after < before * 0.99, result.stdout  # held-out perplexity per chat fell: the model learned
-    assert "barely moved" not in result.stderr
     assert "Plan: 6 optimizer steps" in result.stdout and "a loss-curve point every 1 step(s)" in result.stdout
     assert (folder / "loss_curves.png").stat().st_size > 10_000  # a 6-step run draws its curve
 
@@ -149,9 +148,7 @@ def test_score_py_answers_and_stops_at_the_end_of_the_turn(exported, runtime, mo
     assert tokens < 90, answers[0]  # it ended its turn; it did not talk on to the token limit
 
 
-def test_a_run_too_short_for_its_learning_rate_says_so(base_model, chat_files, tmp_path):
-    """The tutorial's rate (5e-6, full fine-tune) for two steps: the step warns that the model barely moved."""
-    result = fine_tune(base_model, chat_files, tmp_path, "--method", "full", "--learning-rate", "5e-6",
-                       "--max-steps", "2", "--no-onnx-export")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "barely moved the model" in result.stderr and "too few for that rate" in result.stderr
+def test_a_run_too_short_for_its_learning_rate_says_so_before_it_trains(trained):
+    """Six LoRA steps at 3e-4 (1.8e-3, below LoRA's 5e-3): the job warns before its first step."""
+    result, _ = trained
+    assert "warning: 6 step(s) at learning rate 0.0003" in result.stderr and "too few for that rate" in result.stderr
