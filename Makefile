@@ -69,13 +69,19 @@ studio: venv
 eval: venv
 	$(PY) evaluate_flow.py --compare-base
 
-# The CPU benchmarks of docs/benchmarks.md (~20 minutes; the endpoint benchmark serves the model of the
-# last `make demo` with both runtimes). On a GPU machine (after make venv-gpu):
+# The CPU benchmarks of docs/benchmarks.md (~60 minutes on 2 cores; the first run adds ~7-10 minutes: the
+# decode benchmark builds llama.cpp, its CPU peer, from PyPI's llama-cpp-python sdist into models/.llama.cpp/
+# once, with cmake, ninja and a C++ compiler). The endpoint benchmark serves the model of the last `make demo`
+# with both runtimes; the real-model comparison scores the held-out chats that `make demo` wrote (data/), and
+# bench/real_model.py runs steps 1-3 and the evaluation on SmolLM2 in a throwaway project (~23 minutes).
+# On a GPU machine (after make venv-gpu):
 #   python bench/train_throughput.py --size mini --profiles tutorial,lora,qlora --serving
 bench: venv
 	$(PY) bench/train_throughput.py --size tiny
 	$(PY) bench/endpoint_load.py --runtimes transformers,onnxruntime-genai
 	$(PY) bench/decode_runtimes.py
+	$(PY) -m stand_ins.pretrained_model
+	$(PY) bench/decode_runtimes.py --model models/smollm2-135m-instruct
 	$(PY) bench/real_model.py
 	$(PY) bench/pipeline.py
 
