@@ -26,9 +26,10 @@ export DO_NOT_TRACK := 1
 
 venv: $(STAMP) pf-config
 
-$(STAMP): requirements.txt constraints.txt
+$(STAMP): requirements.txt constraints.txt requirements-pretrained.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-pretrained.txt
 	touch $(STAMP)
 
 # Your own NVIDIA GPU (docs/own-gpu.md): the same .venv with CUDA torch and bitsandbytes (QLoRA).
@@ -68,11 +69,12 @@ studio: venv
 eval: venv
 	$(PY) evaluate_flow.py --compare-base
 
-# The CPU benchmarks of docs/benchmarks.md (~30 minutes on 2 idle cores). The first run adds 7-10 minutes: the
+# The CPU benchmarks of docs/benchmarks.md (~60 minutes on 2 idle cores). The first run adds 7-10 minutes: the
 # decode benchmark builds llama.cpp, its CPU peer, from PyPI's llama-cpp-python sdist into models/.llama.cpp/
-# once (cmake, ninja and a C++ compiler needed). Its rows wait while other processes keep the CPU busy.
+# once (cmake, ninja and a C++ compiler needed); its rows wait while other processes keep the CPU busy.
 # The endpoint benchmark serves the model of the last `make demo` with both runtimes; the real-model comparison
-# scores the held-out chats that `make demo` wrote (data/test_data.jsonl).
+# scores the held-out chats that `make demo` wrote (data/), and bench/real_model.py runs steps 1-3 and the
+# evaluation on SmolLM2 in a throwaway project (~23 minutes).
 # On a GPU machine (after make venv-gpu):
 #   python bench/train_throughput.py --size mini --profiles tutorial,lora,qlora --serving
 bench: venv
@@ -81,6 +83,7 @@ bench: venv
 	$(PY) bench/decode_runtimes.py
 	$(PY) -m stand_ins.pretrained_model
 	$(PY) bench/decode_runtimes.py --model models/smollm2-135m-instruct
+	$(PY) bench/real_model.py
 	$(PY) bench/pipeline.py
 
 clean: venv

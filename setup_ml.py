@@ -174,13 +174,15 @@ def check_processes_per_node(ml_client, instance_type):
 
 def training_command(recipe, train_file, eval_file, model_output_dir, extra_args=()):
     """The fine_tune.py command line, the same for the Azure job and the local run: the recipe (RECIPE) holds what
-    the run trains with; the rest is this run's data and output, and the ONNX export's settings."""
+    the run trains with, FINETUNE_METHOD and MAX_STEPS override it when set; the rest is this run's data and
+    output, and the ONNX export's settings."""
     return ["fine_tune.py", "--config", recipe, "--train-file", train_file, "--eval-file", eval_file,
             "--model_output_dir", model_output_dir, *extra_args,
             *(["--method", config.FINETUNE_METHOD] if config.FINETUNE_METHOD else []),
+            *(["--max-steps", str(config.MAX_STEPS)] if config.MAX_STEPS else []),
             "--onnx-export" if config.ONNX_EXPORT else "--no-onnx-export",
-            "--onnx-min-identical", str(config.ONNX_MIN_IDENTICAL_ANSWERS),
-            "--onnx-max-perplexity-increase", str(config.ONNX_MAX_PERPLEXITY_INCREASE)]
+            "--onnx-max-perplexity-increase", str(config.ONNX_MAX_PERPLEXITY_INCREASE),
+            "--onnx-max-score-loss", str(config.ONNX_MAX_SCORE_LOSS)]
 
 
 def dry_run(job_name):

@@ -31,7 +31,15 @@ import sys
 GIB = 1024 ** 3
 METHODS = ("full", "lora", "qlora")  # the most faithful first: auto takes the first that fits
 NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits a weight, plus double-quantized scales (QLoRA paper: 0.127 bits a parameter)
-OVERHEAD_SHARE, OVERHEAD_BYTES = 0.10, 1 * GIB
+OVERHEAD_SHARE, OVERHEAD_BYTES = 0.10, 1 * GIB  # on a GPU: the CUDA context, the allocator's fragmentation
+# On a CPU the peak is the process's resident memory, measured (2026-12-06; docs/benchmarks.md section 7): the
+# libraries (torch, transformers, TRL, datasets, MLflow: 0.46 GiB after import) with the data and the evaluation's
+# buffers take 0.9 GiB (the tiny model's whole run peaked at 0.93), and the loaded weights count ~0.8x once more
+# (SmolLM2-135M, fp32: full and LoRA, batches of 4-16 x 142 tokens, with and without checkpointing). LoRA's
+# activations and logits take 2x the formula's (PEFT keeps a dropout copy of each adapted layer's input, and TRL's
+# entropy and accuracy metrics their own copies of the logits). Within 13 % of every measured peak. On a GPU the
+# formula is not yet measured (no GPU lent when this was written).
+CPU_PROCESS_BYTES, CPU_WEIGHTS_AGAIN, CPU_OVERHEAD_SHARE, CPU_LORA_FACTOR = 0.9 * GIB, 0.8, 0.10, 2.0
 
 
 class MethodError(ValueError):
@@ -64,7 +72,7 @@ def parameter_counts(s, lora_rank=16):
     return {"total": linear + embeddings + norms, "linear": linear, "lora": lora}
 
 
-def estimate(config, method, max_length, batch_size, bf16, lora_rank=16, gradient_checkpointing=True):
+def estimate(config, method, max_length, batch_size, bf16, lora_rank=16, gradient_checkpointing=True, has_cuda=True):
     """Bytes by part for one method: weights, gradients, optimizer, activations, logits, overhead, total."""
     s, counts = shape(config), None
     counts = parameter_counts(s, lora_rank)
@@ -85,8 +93,12 @@ def estimate(config, method, max_length, batch_size, bf16, lora_rank=16, gradien
     saved = s["layers"] * tokens * s["hidden"] * act_width
     parts["activations"] = (saved + per_layer) if gradient_checkpointing else per_layer * s["layers"]
     parts["logits"] = 2 * tokens * s["vocab"] * 4
+    if not has_cuda and method != "full":
+        parts["activations"] *= CPU_LORA_FACTOR
+        parts["logits"] *= CPU_LORA_FACTOR
     subtotal = sum(parts.values())
-    parts["overhead"] = subtotal * OVERHEAD_SHARE + OVERHEAD_BYTES
+    parts["overhead"] = (subtotal * OVERHEAD_SHARE + OVERHEAD_BYTES if has_cuda
+                         else subtotal * CPU_OVERHEAD_SHARE + CPU_PROCESS_BYTES + CPU_WEIGHTS_AGAIN * parts["weights"])
     parts["total"] = subtotal + parts["overhead"]
     parts["parameters"] = counts["total"]
     parts["trainable"] = counts["total"] if method == "full" else counts["lora"]
@@ -152,7 +164,7 @@ def plan(config, requested, max_length, batch_size, bf16, has_cuda, lora_rank=16
          memory=None):
     """Estimates for every method, the chosen one and why (printed by fine_tune.py before it loads anything)."""
     memory, what = (memory, f"{memory / GIB:.0f} GiB") if memory else device_memory()
-    estimates = {m: estimate(config, m, max_length, batch_size, bf16, lora_rank, gradient_checkpointing)
+    estimates = {m: estimate(config, m, max_length, batch_size, bf16, lora_rank, gradient_checkpointing, has_cuda)
                  for m in METHODS}
     method, why = choose_method(requested, estimates, memory, has_cuda, what)
     return method, why, report(estimates, what)

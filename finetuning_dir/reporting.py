@@ -4,20 +4,21 @@ fine_tune.py uses it; so does nothing else. Reporting never fails a job: a track
 warning (the model is saved before any of it).
 """
 
-import math
 import os
 import time
 import warnings
 from pathlib import Path
 
+GIB = 1024 ** 3
+
 
 def summary_metrics(trainer, train_result, eval_loss_before, eval_loss_after, count_tokens):
-    """The run's figures: eval loss and perplexity before -> after, train loss, tokens and tokens/s, steps."""
+    """The run's figures: the trainer's eval loss before -> after, train loss, tokens and tokens/s, steps (fine_tune.py
+    adds perplexity per held-out chat, memory and the export's time)."""
     train_tokens = int(count_tokens(trainer.train_dataset) * (trainer.state.epoch or 0.0))
     runtime = train_result.metrics["train_runtime"]
     return {
         "eval_loss_before": eval_loss_before, "eval_loss_after": eval_loss_after,
-        "perplexity_before": math.exp(min(eval_loss_before, 50)), "perplexity_after": math.exp(min(eval_loss_after, 50)),
         "train_loss": train_result.training_loss, "train_tokens": train_tokens,
         "train_tokens_per_second": train_tokens / runtime if runtime else 0.0, "train_runtime_seconds": runtime,
         "global_step": trainer.state.global_step, "world_size": trainer.args.world_size,
@@ -136,9 +137,15 @@ def plot_loss_curves(log_history, eval_before, eval_after, path):
 def print_summary(metrics, output_dir):
     """The closing summary a reader looks for."""
     print("\nFine-tuning summary")
-    print(f"  eval loss    {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}")
-    print(f"  perplexity   {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}")
+    print(f"  eval loss    {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} (the trainer's: packed "
+          "or padded batches, as trained)")
+    print(f"  perplexity   {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f} (per held-out chat; "
+          "the ONNX export is measured the same way)")
     print(f"  train loss   {metrics['train_loss']:.4f} ({metrics['global_step']} steps)")
     print(f"  tokens/s     {metrics['train_tokens_per_second']:,.0f} ({metrics['train_tokens']:,} tokens, {metrics['world_size']} process(es))")
-    print(f"  wall time    {metrics['wall_time_seconds']:.1f} s (training {metrics['train_runtime_seconds']:.1f} s)")
+    print(f"  memory       peak {metrics['peak_memory_bytes'] / GIB:.2f} GiB measured, {metrics['memory_estimate_bytes'] / GIB:.2f} "
+          f"GiB estimated ({metrics['memory_estimate_bytes'] / metrics['peak_memory_bytes'] - 1:+.0%})")
+    export = metrics.get("export_seconds") or 0.0
+    print(f"  wall time    {metrics['wall_time_seconds']:.1f} s (training {metrics['train_runtime_seconds']:.1f} s"
+          + (f", ONNX export {export:.1f} s = {export / metrics['wall_time_seconds']:.0%} of the job)" if export else ")"))
     print(f"  model        {output_dir} (MLflow model)")

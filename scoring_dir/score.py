@@ -47,7 +47,7 @@ ONNX_FOLDER = "onnx"  # fine_tune.py's ONNX Runtime GenAI export, inside the MLf
 _model = None  # transformers: the causal LM; onnxruntime-genai: an og.Model
 _runtime = None  # the runtime that serves, once init() has run
 _tokenizer = None
-_stop_ids = []  # the ids that end an answer: end of text and <|end|> (the end of a turn)
+_stop_ids = []  # the ids that end an answer: the model's own list (end of text, end of a turn)
 _context_length = None
 _top_k = 50  # sampling's top-k, as the model's generation config has it (transformers' default: 50)
 _max_new_tokens_limit = DEFAULT_MAX_NEW_TOKENS_LIMIT
@@ -163,15 +163,16 @@ def _load_tokenizer(folder, weights):
 
 
 def _set_generation_limits(weights, tokenizer):
-    """Stop at <|end|> as well as end of text (a model saved without it in generation_config would talk on), and
-    read the context length and sampling's top-k from the saved config, for both runtimes alike."""
+    """Stop where the model says an answer ends, and read the context length and sampling's top-k from the saved
+    config, for both runtimes alike. The training job wrote the stops into generation_config.json: the end of
+    text and the end of a turn its chat template writes (finetuning_dir/chat_stops.py: <|end|> for Phi,
+    <|im_end|> for ChatML, <|eot_id|> for Llama 3, ...); the tokenizer's end of text is added if missing."""
     global _stop_ids, _context_length, _top_k
     generation = _read_json(weights / "generation_config.json")
-    eos = generation.get("eos_token_id", tokenizer.eos_token_id)
+    eos = generation.get("eos_token_id")
     _stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    if isinstance(end_id, int) and end_id != tokenizer.unk_token_id and end_id not in _stop_ids:
-        _stop_ids.append(end_id)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in _stop_ids:
+        _stop_ids.append(tokenizer.eos_token_id)
     _top_k = generation.get("top_k", 50)
     _context_length = _read_json(weights / "config.json").get("max_position_embeddings")
     # fine_tune.py leaves the training length here; serving is bounded by the model's context instead.

@@ -27,7 +27,7 @@ from pathlib import Path
 import config
 from helpers.errors import LOG_TAIL_LINES, StepError, exit_code, print_tail
 from helpers.job_record import read_last_job, record_job, running_jobs
-from stand_ins import tiny_model
+from stand_ins import pretrained_model, tiny_model
 
 FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"
 FOLLOW_EVERY_S = 0.2  # how often setup_ml.py reads new lines of the job's log
@@ -44,7 +44,11 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as microsoft
 
 def base_model(build=True):
     """LOCAL_BASE_MODEL: the tiny Phi-3 in TINY_MODEL_DIR (built on first use when `build`; a model of your own put
-    there is used as it is and never rebuilt), a folder of yours, or a Hub id (fine_tune.py downloads it)."""
+    there is used as it is and never rebuilt), the real SmolLM2 in PRETRAINED_MODEL_DIR (built on first use), a
+    folder of yours, or a Hub id (fine_tune.py downloads it)."""
+    if config.LOCAL_BASE_MODEL_IS_PRETRAINED:  # the real small model, made from its PyPI package on first use
+        folder = Path(config.PRETRAINED_MODEL_DIR)
+        return pretrained_model.ensure_pretrained_model(folder) if build else folder
     if not config.LOCAL_BASE_MODEL_IS_TINY:
         folder = config.PROJECT_DIR / config.LOCAL_BASE_MODEL
         if folder.is_dir():

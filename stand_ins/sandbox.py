@@ -50,6 +50,7 @@ def isolated_env(work_dir):
         "TRAIN_DATA_PATH": str(work_dir / "data" / "train_data.jsonl"),
         "TEST_DATA_PATH": str(work_dir / "data" / "test_data.jsonl"),
         "TINY_MODEL_DIR": str(work_dir / "models" / "tiny-phi3"),
+        "PRETRAINED_MODEL_DIR": str(work_dir / "models" / "smollm2-135m-instruct"),
         "JOBS_DIR": str(work_dir / "outputs" / "jobs"),
         "LAST_JOB_FILE": str(work_dir / "outputs" / "last_job.json"),
         "LOCAL_ENDPOINT_DIR": str(work_dir / "outputs" / "endpoint"),

@@ -69,6 +69,55 @@ def test_unknown_target_is_a_clear_error():
     assert result.returncode != 0 and "TARGET='aws'" in result.stderr
 
 
+def test_a_whole_number_setting_that_is_not_one_is_named():
+    result = run_script("-c", "import config", env={"SPLIT_SEED": "forty-two"})
+    assert result.returncode != 0 and "SPLIT_SEED='forty-two' is not a whole number" in result.stderr
+
+
+@pytest.mark.parametrize("value, expected", [("", "None"), ("20", "20"), (" 7 ", "7")])
+def test_max_steps_is_empty_for_the_recipes_or_a_number_of_steps(tmp_path, value, expected):
+    env = {"FINETUNE_PHI_ENV_FILE": str(tmp_path / "none"), "MAX_STEPS": value}
+    result = run_script("-c", PRINT_SETTINGS.format("MAX_STEPS"), env=env)
+    assert result.stdout.strip() == expected, result.stderr
+
+
+PHI_4_RECIPE = "recipes/phi-4-mini/sft/config_full.yaml"
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"TARGET": "azure"}, "finetune-phi-3-5-mini"),  # the tutorial's recipe keeps the tutorial's name
+    ({"TARGET": "azure", "RECIPE": "recipes/phi-3.5-mini/sft/config_qlora.yaml"}, "finetune-phi-3-5-mini"),
+    ({"TARGET": "azure", "RECIPE": PHI_4_RECIPE}, "finetune-phi-4-mini-instruct"),
+    ({}, "finetune-phi-3-5-mini"),  # the tiny Phi-3 stands in for Phi-3.5-mini
+    ({"RECIPE": PHI_4_RECIPE}, "finetune-phi-3-5-mini"),  # locally the tiny Phi-3 is what trains, whatever the recipe
+    ({"LOCAL_BASE_MODEL": "models/smollm2-135m-instruct"}, "finetune-smollm2-135m-instruct"),
+    ({"LOCAL_BASE_MODEL": "../elsewhere/My_Model.v2/"}, "finetune-my-model-v2"),
+    ({"LOCAL_BASE_MODEL": "microsoft/Phi-4-mini-instruct", "RECIPE": PHI_4_RECIPE}, "finetune-phi-4-mini-instruct"),
+    ({"LOCAL_BASE_MODEL": "microsoft/Phi-3.5-mini-instruct"}, "finetune-phi-3-5-mini"),
+    ({"TARGET": "azure", "RECIPE": PHI_4_RECIPE, "AZURE_MODEL_NAME": "my-phi4"}, "my-phi4"),  # set: used as it is
+    ({"LOCAL_BASE_MODEL": "models/smollm2-135m-instruct", "AZURE_MODEL_NAME": "my-smol"}, "my-smol"),
+], ids=["azure-tutorial", "azure-qlora", "azure-phi-4", "local-tiny", "local-tiny-phi-4-recipe", "local-folder",
+        "local-folder-dots", "local-hub-phi-4", "local-hub-phi-3.5", "azure-explicit", "local-explicit"])
+def test_the_registered_model_name_follows_the_base_model(tmp_path, settings, expected):
+    env = {"FINETUNE_PHI_ENV_FILE": str(tmp_path / "none"), **settings}
+    result = run_script("-c", PRINT_SETTINGS.format("AZURE_MODEL_NAME"), env=env)
+    assert result.stdout.strip() == expected, result.stderr
+
+
+def test_a_recipe_of_your_own_names_the_model_and_one_without_a_model_trains_the_tutorials(tmp_path):
+    from conftest import write_recipe
+
+    own = write_recipe(tmp_path / "own.yaml", PHI_4_RECIPE, model_name="/data/models/Llama-3.2-1B-Instruct")
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text("epochs: 1\n")  # fine_tune.py's default model: the tutorial's
+    expected = {own: "finetune-llama-3-2-1b-instruct", unnamed: "finetune-phi-3-5-mini",
+                tmp_path / "missing.yaml": "finetune-phi-3-5-mini"}  # setup_ml.py names a missing RECIPE
+    for recipe, name in expected.items():
+        env = {"FINETUNE_PHI_ENV_FILE": str(tmp_path / "none"), "TARGET": "azure", "RECIPE": str(recipe)}
+        result = run_script("-c", PRINT_SETTINGS.format("AZURE_MODEL_NAME"), env=env)
+        assert result.stdout.strip() == name, result.stderr
+
+
 def test_import_reads_settings_and_nothing_else(tmp_path):
     # No network (connect fails loudly) and no file written (the folder stays empty).
     script = textwrap.dedent(f"""

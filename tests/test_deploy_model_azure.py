@@ -8,6 +8,7 @@ traffic, has a scoring URI and keys. Nothing here signs in or opens a connection
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -147,6 +148,35 @@ def test_model_is_registered_from_the_recorded_job(service, capsys):
     assert model.path == f"azureml://jobs/{JOB}/outputs/model_output"
     assert model.type == "mlflow_model"
     assert deployed(service.client).model is model  # the deployment serves what was just registered
+
+
+def test_the_registered_name_follows_the_recipes_base_model(tmp_path):
+    """Step 3 of a Phi-4-mini run registers finetune-phi-4-mini-instruct: the dry run's Model, validated by the SDK."""
+    env = {k: v for k, v in os.environ.items() if not (k.isupper() and hasattr(config, k))}  # no leaked settings
+    env.update(FINETUNE_PHI_ENV_FILE=str(tmp_path / "absent.env"), TARGET="azure",
+               RECIPE="recipes/phi-4-mini/sft/config_full.yaml", **FAKE_DEPLOY_SETTINGS)
+    result = subprocess.run([sys.executable, "deploy_model.py", "--dry-run", "--job-name", JOB], cwd=PROJECT_DIR,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert validated_yaml_blocks(result.stdout)["Model"]["name"] == "finetune-phi-4-mini-instruct"
+
+
+@pytest.mark.parametrize("base_model", ["microsoft/Phi-4-mini-instruct", "../My_Model.v2/", "owner/" + "Long.Name-" * 40,
+                                        "models/Ünïcode_Modell"], ids=["hub", "folder", "long", "unicode"])
+def test_a_derived_name_keeps_azure_mls_model_name_rule(tmp_path, base_model):
+    from azure.ai.ml._restclient.model_dataplane.operations import _models_operations as models_rest
+    from msrest.exceptions import ValidationError
+
+    env = {"FINETUNE_PHI_ENV_FILE": str(tmp_path / "absent.env"), "LOCAL_BASE_MODEL": base_model}
+    result = subprocess.run([sys.executable, "-c", "import config; print(config.AZURE_MODEL_NAME)"], cwd=PROJECT_DIR,
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    name = result.stdout.strip()
+    assert re.fullmatch(r"finetune(-[a-z0-9]+)+", name) and len(name) <= 255, (name, result.stderr)
+    # The SDK's own rule for a model's name (its REST client holds it; the client skips the check unless asked):
+    with mock.patch.object(models_rest._SERIALIZER, "client_side_validation", True):
+        models_rest.build_create_or_update_request_initial(name, "1", "sub", "rg", "registry")
+        with pytest.raises(ValidationError, match="pattern"):  # the rule is real: a name may not end in a dot
+            models_rest.build_create_or_update_request_initial(f"{name}.", "1", "sub", "rg", "registry")
 
 
 def test_job_name_option_overrides_the_record(service, capsys):

@@ -5,6 +5,7 @@ import os
 import re
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -273,3 +274,59 @@ def test_option_problems_are_not_data_errors(tmp_path):
         with pytest.raises(fine_tune.UsageError) as error:
             call()
         assert not isinstance(error.value, ChatDataError)
+
+
+# --- the run's plan: a loss curve whatever its length, a warmup that leaves steps to learn, a warning if nothing moved
+class PlannedTrainer:
+    """What plan_steps() reads of an SFTTrainer: the batches of its training data loader, and its arguments."""
+
+    def __init__(self, batches):
+        self.batches, self.args = batches, SimpleNamespace(logging_steps=1, warmup_steps=0)
+
+    def get_train_dataloader(self):
+        return range(self.batches)
+
+
+@pytest.mark.parametrize("batches, epochs, max_steps, logging_steps, expected_steps, interval", [
+    (3, 3, -1, 20, 9, 1),        # the tutorial's recipe on the sample chats: 9 steps, every 20 would draw nothing
+    (33, 3, -1, 0, 99, 4),       # 0: from the run's length, ~20 points
+    (500, 2, -1, 20, 1000, 20),  # a long run keeps the recipe's interval (50 points)
+    (500, 2, 100, 20, 100, 10),  # MAX_STEPS / --max-steps counts, not the epochs
+    (3, 3, 1, 20, 1, 1),
+])
+def test_the_loss_curve_interval_follows_the_runs_length(batches, epochs, max_steps, logging_steps, expected_steps,
+                                                         interval):
+    import fine_tune
+
+    trainer = PlannedTrainer(batches)
+    args = SimpleNamespace(grad_accum=1, epochs=epochs, max_steps=max_steps, logging_steps=logging_steps,
+                           warmup_ratio=0.2, learning_rate=5e-6)
+    assert fine_tune.plan_steps(trainer, args) == expected_steps
+    assert trainer.args.logging_steps == interval
+    assert expected_steps // interval >= min(fine_tune.MIN_CURVE_POINTS, expected_steps)
+
+
+@pytest.mark.parametrize("steps, ratio, warmup", [(1, 0.2, 0), (9, 0.2, 1), (99, 0.1, 9), (100, 5, 5)])
+def test_a_short_run_does_not_spend_its_steps_warming_up(steps, ratio, warmup):
+    import fine_tune
+
+    trainer = PlannedTrainer(steps)
+    args = SimpleNamespace(grad_accum=1, epochs=1, max_steps=-1, logging_steps=0, warmup_ratio=ratio, learning_rate=1e-4)
+    fine_tune.plan_steps(trainer, args)
+    assert trainer.args.warmup_steps == warmup  # a 1-step run trains at its learning rate, not at 0
+
+
+@pytest.mark.parametrize("method, steps, rate, warned", [
+    ("full", 9, 5e-6, True),      # the tutorial's recipe on the 264 sample chats
+    ("full", 850, 5e-6, False),   # the tutorial's recipe on its ~1,663 ultrachat chats
+    ("lora", 33, 3e-4, False),    # recipes/smollm2-135m/sft/config_lora_cpu.yaml
+    ("lora", 6, 3e-4, True),
+    ("full", 255, 5e-3, False),   # the tiny model's recipe
+])
+def test_a_run_too_short_for_its_rate_is_named(method, steps, rate, warned):
+    import fine_tune
+
+    warning = fine_tune.too_short(steps, SimpleNamespace(learning_rate=rate, method=method))
+    assert (warning is not None) is warned
+    if warned:
+        assert f"{steps} step(s) at learning rate {rate:g}" in warning and "too few for that rate" in warning

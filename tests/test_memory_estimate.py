@@ -1,6 +1,8 @@
 """finetuning_dir/memory_estimate.py: parameters counted from real Phi configs, the method auto picks for a
 GPU's size, the sentences of a refusal, and the estimate the demo's job printed."""
 
+import re
+
 import pytest
 
 from finetuning_dir import memory_estimate as m
@@ -84,3 +86,23 @@ def test_the_report_has_one_row_a_method():
 def test_the_demo_job_printed_its_estimate_and_method(demo_run):
     assert "Memory estimate (GiB) against this machine's available memory" in demo_run.stdout
     assert "Method: auto chose full: full needs" in demo_run.stdout
+    peak, estimated = map(float, re.search(r"memory\s+peak ([\d.]+) GiB measured, ([\d.]+) GiB estimated",
+                                           demo_run.stdout).groups())
+    assert estimated == pytest.approx(peak, rel=0.20)  # the tiny model's run, measured against its estimate
+
+
+# Peaks measured on this machine's CPU (fine_tune.py's own phases to the end of training; the process's peak
+# resident set) on SmolLM2-135M-Instruct, fp32, rows of 142 tokens (the longest sample chat), 2026-12-06:
+# (method, batch, gradient checkpointing, GiB). docs/benchmarks.md section 7; tests/test_real_model.py measures a
+# live run against the same bound.
+SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "tie_word_embeddings": True}
+CPU_PEAKS = [("lora", 4, False, 3.41), ("lora", 8, False, 5.65), ("lora", 16, False, 8.91), ("full", 8, False, 4.70),
+             ("lora", 8, True, 3.54)]
+
+
+@pytest.mark.parametrize("method, batch, checkpointing, measured_gib", CPU_PEAKS)
+def test_the_cpu_estimate_is_within_20_percent_of_the_measured_peak(method, batch, checkpointing, measured_gib):
+    total = m.estimate(SMOLLM2_135M, method, 142, batch, bf16=False, gradient_checkpointing=checkpointing,
+                       has_cuda=False)["total"]
+    assert total / GIB == pytest.approx(measured_gib, rel=0.20)

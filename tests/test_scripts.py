@@ -100,8 +100,8 @@ def test_the_top_level_is_the_tutorial():
     """The mission's list at the top, plus what every Python project has and our named folders; nothing else."""
     tutorial = {"finetuning_dir", "conda.yml", "config.py", "download_dataset.py", "setup_ml.py", "deploy_model.py",
                 "flow.dag.yml", "integrate_with_promptflow.py", "tests", "README.md"}
-    project = {"Makefile", "requirements.txt", "requirements-gpu.txt", "constraints.txt", "docs", ".env.example",
-               ".gitignore", ".amlignore", ".ci", "pytest.ini"}
+    project = {"Makefile", "requirements.txt", "requirements-gpu.txt", "requirements-pretrained.txt", "constraints.txt",
+               "docs", ".env.example", ".gitignore", ".amlignore", ".ci", "pytest.ini"}
     ours = {"scoring_dir", "stand_ins", "bench", "evaluate_flow.py", "cleanup.py", "helpers", "serverless",
             "recipes", "sample_data"}
     import subprocess

@@ -305,6 +305,39 @@ def test_the_azure_job_and_the_local_job_run_the_same_recipe_command(client, azu
     assert yaml.safe_load(config.RECIPE.read_text())["model_name"] == BASE_MODEL  # TARGET=azure: the tutorial's
 
 
+def test_max_steps_reaches_the_azure_job_and_the_local_job(client, azure, capsys, monkeypatch, tmp_path):
+    from finetuning_dir import fine_tune
+    from stand_ins import job_runner
+
+    assert config.MAX_STEPS is None  # the default: the recipe's (every epoch)
+    assert run_main(capsys)[0] == 0
+    assert "--max-steps" not in submitted(client).command
+    client.jobs.create_or_update.reset_mock()
+
+    monkeypatch.setattr(config, "MAX_STEPS", 20)
+    assert run_main(capsys)[0] == 0
+    job = submitted(client)
+    assert " --max-steps 20 " in f"{job.command} "
+    assert schema_round_trip(job, load_job, tmp_path, "job").command == job.command  # the SDK's schema takes it
+    assert job._validate().passed, job._validate().error_messages
+    local = job_runner.local_job_command("j", setup_ml.training_command(config.shown(config.RECIPE), "t", "e", "o"),
+                                         build=False)
+    assert local[local.index("--max-steps") + 1] == "20"
+    # fine_tune.py takes it over the recipe's value (the recipe as defaults, the command line wins):
+    args = fine_tune.parse_args(setup_ml.training_command(str(config.RECIPE), "t", "e", "o")[1:])
+    assert args.max_steps == 20 and args.model_name == BASE_MODEL
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-5", "2.5"])
+def test_a_bad_max_steps_is_named_before_any_azure_call(value, tmp_path):
+    env = {"FINETUNE_PHI_ENV_FILE": str(tmp_path / "absent.env"), "TARGET": "azure", "MAX_STEPS": value,
+           "AZURE_SUBSCRIPTION_ID": "sub", "AZURE_RESOURCE_GROUP_NAME": "rg", "AZURE_ML_WORKSPACE_NAME": "ws"}
+    result = subprocess.run([sys.executable, "setup_ml.py", "--dry-run"], cwd=PROJECT_DIR, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, **env})
+    assert result.returncode != 0 and result.stdout == ""
+    assert f"MAX_STEPS={value!r} is not a whole number above 0" in result.stderr
+
+
 # --- Streaming and how the job ended --------------------------------------------------------------------
 def test_completed_job_is_recorded(client, azure, capsys):
     code, out, err = run_main(capsys)

@@ -75,6 +75,7 @@ def test_the_studio_shows_the_run_and_its_loss_chart(studio, browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     run = demo_fine_tuning_run(tracking_client())
+    browser.set_window_size(1600, 4000)  # the page draws only the charts in view: the job logs 19 metrics, "loss" is the 7th
     browser.get(f"{studio}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/model-metrics")
 
     def charts(driver):
