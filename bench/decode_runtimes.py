@@ -73,8 +73,9 @@ RUNTIMES = {
     **{f"ORT-GenAI {precision} (the export's: {' '.join(options) or 'defaults'})": ("onnx", precision, options)
        for precision, options in onnx_export.CANDIDATES.items()},
     # llama.cpp's Q4_0 in the builder's terms: blocks of 32 and the output layer at 8 bits (llama-quantize keeps it
-    # at Q6_K, or Q8_0 where rows do not split into 256s). shared_embeddings=false: with tied embeddings the builder
-    # (0.18) writes an invalid model for an 8-bit lm_head unless the lookup gets its own (fp32) table.
+    # at Q6_K, or Q8_0 where rows do not split into 256s); the export's int4 but for its blocks of 128.
+    # shared_embeddings=false: with tied embeddings the builder (0.18) writes an invalid model for an 8-bit lm_head
+    # unless the lookup gets its own (fp32) table.
     "ORT-GenAI int4 like Q4_0 (block 32; lm_head int8)": (
         "onnx", "int4", ["block_size=32", "accuracy_level=4", "matmul_mixed_precision=last_matmul:int8",
                          "shared_embeddings=false"]),
