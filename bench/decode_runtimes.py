@@ -193,6 +193,15 @@ def prompt_ids(vocab_size=PHI3_MINI["vocab_size"]):
     return np.random.default_rng(0).integers(10, vocab_size - 10, PROMPT_TOKENS).tolist()
 
 
+def transformers_row(model, precision, args):
+    """A row for guarded(): the model's decode timed with transformers, and the weight bytes it reads per token."""
+    def row():
+        per_token, prefill = time_transformers(model, args.new_tokens, args.repeats)
+        return {"seconds_per_token": per_token, "prefill_seconds": prefill,
+                "weight_bytes": weight_bytes_per_token("transformers", model, precision)}
+    return row
+
+
 def time_transformers(model, new_tokens, repeats):
     """(seconds per decoded token, prefill seconds) with transformers' generate(), greedy, no early stop."""
     import torch
@@ -383,13 +392,7 @@ def measure(args, work):
             if runtime != "transformers":
                 continue
             typed = model.to(getattr(torch, precision)).eval()
-
-            def row():
-                per_token, prefill = time_transformers(typed, args.new_tokens, args.repeats)
-                return {"seconds_per_token": per_token, "prefill_seconds": prefill,
-                        "weight_bytes": weight_bytes_per_token(runtime, typed, precision)}
-
-            results[name][layers] = guarded(where, name, row)
+            results[name][layers] = guarded(where, name, transformers_row(typed, precision, args))
         del model, typed
         gc.collect()
         for name in args.runtimes:
@@ -449,13 +452,8 @@ def measure_model(args, work):
         if runtime != "transformers":
             continue
         typed = model.to(getattr(torch, precision)).eval()
-
-        def row():
-            per_token, prefill = time_transformers(typed, args.new_tokens, args.repeats)
-            return {"seconds_per_token": per_token, "prefill_seconds": prefill,
-                    "weight_bytes": weight_bytes_per_token(runtime, typed, precision)}
-
-        results[name] = {**guarded("model", name, row), "quality": llama_cpp.kl_statistics(kl_base, reference_logits)}
+        results[name] = {**guarded("model", name, transformers_row(typed, precision, args)),
+                         "quality": llama_cpp.kl_statistics(kl_base, reference_logits)}
     for name in args.runtimes:
         runtime, precision, options = RUNTIMES[name]
         if runtime == "onnx":
