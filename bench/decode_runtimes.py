@@ -248,20 +248,11 @@ def time_onnx(folder, new_tokens, repeats, vocab_size=PHI3_MINI["vocab_size"]):
 
 def onnx_logits(folder):
     """A function: token ids -> ONNX Runtime GenAI's logits at every position (one fresh generator a call)."""
-    import numpy as np
     import onnxruntime_genai as og
 
     og.disable_telemetry_events()
     model = og.Model(str(folder))
-
-    def logits_of(ids):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 1)
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.asarray(ids, dtype=np.int32))
-        return generator.get_output("logits")[0]
-
-    return logits_of
+    return lambda ids: onnx_export.prefill_logits(model, ids)  # the export's own prefill
 
 
 def weight_bytes_per_token(runtime, model_or_folder, dtype):

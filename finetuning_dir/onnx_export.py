@@ -210,6 +210,18 @@ class Reference:
         return {**figures, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def prefill_logits(model, ids):
+    """ONNX Runtime GenAI's logits at every position of `ids` (one prefill, a fresh generator)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(ids, dtype=np.int32))
+    return generator.get_output("logits")[0]
+
+
 def measure_onnx(folder, reference, baseline, rule, questions, answer_always=False):
     """One candidate: perplexity per chat; when it passes (or answer_always), the answers' F1 and ROUGE-L and the
     decode speed."""
@@ -221,11 +233,7 @@ def measure_onnx(folder, reference, baseline, rule, questions, answer_always=Fal
 
     def nll(ids):
         """Summed NLL of tokens 1..n-1 from one prefill of the whole chat."""
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 1)
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.array(ids, dtype=np.int32))
-        logits = generator.get_output("logits")[0, :-1].astype(np.float64)  # predictions of tokens 1..n-1
+        logits = prefill_logits(model, ids)[:-1].astype(np.float64)  # predictions of tokens 1..n-1
         log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
         return float(-log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
 
